@@ -1,0 +1,3 @@
+fn main() {
+    println!("widget-operator: see the operator issue");
+}

@@ -1,0 +1,469 @@
+//! The pipeline configuration: one typed struct loaded from YAML, validated once at start-up.
+//!
+//! The file format is shared with the operator, which renders this exact struct into the
+//! pipeline's ConfigMap; field names mirror the `WidgetPipeline` spec (camelCase). Secrets
+//! (database and Redis URLs) never live here: they come from the environment.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{KeyError, WidgetKey};
+
+/// Longest pipeline/source/screen name accepted; names end up in Kubernetes object names.
+pub const MAX_NAME_LEN: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML for a pipeline: {0}")]
+    Parse(String),
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub pipeline: String,
+    #[serde(default)]
+    pub stream: StreamConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub reclaim: ReclaimConfig,
+    pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub screens: Vec<ScreenConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Defaults to `<pipeline>.widget-events`; see [`Config::stream_name`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub consumer_group: String,
+    /// The stream is trimmed only below what the group consumed; relaying stops before
+    /// `lag + pending` would pass this (back-pressure into the outbox).
+    pub max_length: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            consumer_group: "core-ingester".into(),
+            max_length: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Defaults to `hw:<pipeline>:`; see [`Config::key_prefix`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+    #[serde(with = "human_duration")]
+    pub ingest_ttl: Duration,
+    #[serde(with = "human_duration")]
+    pub fallback_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            key_prefix: None,
+            ingest_ttl: Duration::from_secs(7 * 24 * 3600),
+            fallback_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ReclaimConfig {
+    #[serde(with = "human_duration")]
+    pub min_idle: Duration,
+    #[serde(with = "human_duration")]
+    pub interval: Duration,
+    pub max_deliveries: u32,
+}
+
+impl Default for ReclaimConfig {
+    fn default() -> Self {
+        Self {
+            min_idle: Duration::from_secs(30),
+            interval: Duration::from_secs(15),
+            max_deliveries: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceConfig {
+    pub name: String,
+    #[serde(default = "default_outbox_table")]
+    pub outbox_table: String,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_poll_interval", with = "human_duration")]
+    pub poll_interval: Duration,
+}
+
+fn default_outbox_table() -> String {
+    crate::outbox::DEFAULT_TABLE.into()
+}
+fn default_batch_size() -> u32 {
+    500
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+impl SourceConfig {
+    /// A source with every optional field at its default.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            outbox_table: default_outbox_table(),
+            batch_size: default_batch_size(),
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScreenConfig {
+    pub name: String,
+    /// Ordered widget keys; a key may contain the placeholder `{user}`.
+    pub widgets: Vec<String>,
+}
+
+/// The placeholder in a screen's widget key that the request's `user` replaces.
+pub const USER_PLACEHOLDER: &str = "{user}";
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml_str(&text)
+    }
+
+    /// Parses and validates a config document.
+    pub fn from_yaml_str(text: &str) -> Result<Self, ConfigError> {
+        // serde_yaml's messages name the offending field and its position (e.g. "unknown field
+        // `batchsize`, expected one of ... at line 7 column 5").
+        let config: Config =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        // Serializing plain structs of strings, numbers and lists cannot fail.
+        serde_yaml::to_string(self).unwrap_or_default()
+    }
+
+    pub fn stream_name(&self) -> String {
+        self.stream
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}.widget-events", self.pipeline))
+    }
+
+    /// Where entries that cannot be applied go, with the reason.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}.dead", self.stream_name())
+    }
+
+    pub fn key_prefix(&self) -> String {
+        self.cache
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| format!("hw:{}:", self.pipeline))
+    }
+
+    /// The Redis hash every component flushes its counters to; see [`crate::stats`].
+    pub fn stats_key(&self) -> String {
+        format!("{}stats", self.key_prefix())
+    }
+
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    pub fn screen(&self, name: &str) -> Option<&ScreenConfig> {
+        self.screens.iter().find(|s| s.name == name)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_name("pipeline", &self.pipeline)?;
+        if let Some(name) = &self.stream.name {
+            check_redis_name("stream.name", name)?;
+        }
+        check_redis_name("stream.consumerGroup", &self.stream.consumer_group)?;
+        if self.stream.max_length < 1000 {
+            return Err(invalid(
+                "stream.maxLength",
+                format!("must be at least 1000, got {}", self.stream.max_length),
+            ));
+        }
+        if let Some(prefix) = &self.cache.key_prefix {
+            check_redis_name("cache.keyPrefix", prefix)?;
+        }
+        positive("cache.ingestTtl", self.cache.ingest_ttl)?;
+        positive("cache.fallbackTtl", self.cache.fallback_ttl)?;
+        positive("reclaim.minIdle", self.reclaim.min_idle)?;
+        positive("reclaim.interval", self.reclaim.interval)?;
+        if self.reclaim.max_deliveries == 0 {
+            return Err(invalid("reclaim.maxDeliveries", "must be at least 1"));
+        }
+        if self.sources.is_empty() {
+            return Err(invalid("sources", "at least one source is required"));
+        }
+        let mut seen = HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            check_name(&format!("sources[{i}].name"), &source.name)?;
+            if !seen.insert(source.name.as_str()) {
+                return Err(invalid(
+                    format!("sources[{i}].name"),
+                    format!("duplicate source name `{}`", source.name),
+                ));
+            }
+            check_identifier(&format!("sources[{i}].outboxTable"), &source.outbox_table)?;
+            if source.batch_size == 0 || source.batch_size > 10_000 {
+                return Err(invalid(
+                    format!("sources[{i}].batchSize"),
+                    format!("must be between 1 and 10000, got {}", source.batch_size),
+                ));
+            }
+            positive(&format!("sources[{i}].pollInterval"), source.poll_interval)?;
+        }
+        let mut seen = HashSet::new();
+        for (i, screen) in self.screens.iter().enumerate() {
+            check_name(&format!("screens[{i}].name"), &screen.name)?;
+            if !seen.insert(screen.name.as_str()) {
+                return Err(invalid(
+                    format!("screens[{i}].name"),
+                    format!("duplicate screen name `{}`", screen.name),
+                ));
+            }
+            if screen.widgets.is_empty() {
+                return Err(invalid(
+                    format!("screens[{i}].widgets"),
+                    "a screen needs at least one widget key",
+                ));
+            }
+            for (j, key) in screen.widgets.iter().enumerate() {
+                // A placeholder stands for a valid parameter; check the key with one substituted.
+                let concrete = key.replace(USER_PLACEHOLDER, "u");
+                WidgetKey::parse(&concrete).map_err(|e: KeyError| {
+                    invalid(format!("screens[{i}].widgets[{j}]"), format!("`{key}`: {e}"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn positive(field: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(field, "must be greater than zero"));
+    }
+    Ok(())
+}
+
+/// Pipeline, source and screen names: they become Kubernetes names and key prefixes.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "`{name}` must be 1-{MAX_NAME_LEN} characters of a-z, 0-9 and '-', not starting or ending with '-'"
+            ),
+        ))
+    }
+}
+
+/// Stream, group and key-prefix names: printable, no spaces.
+fn check_redis_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty() && name.len() <= 200 && name.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("`{name}` must be 1-200 printable ASCII characters without spaces"),
+        ))
+    }
+}
+
+/// Table names go into SQL text, so they must be plain identifiers (optionally schema-qualified).
+pub fn check_identifier(field: &str, name: &str) -> Result<(), ConfigError> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !p.as_bytes()[0].is_ascii_digit()
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() <= 2 && parts.iter().all(|p| part_ok(p)) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "`{name}` must be a lowercase SQL identifier ([a-z_][a-z0-9_]*, optionally schema.table)"
+            ),
+        ))
+    }
+}
+
+/// Durations as human strings (`250ms`, `30s`, `1h`, `7d`) in both directions.
+pub mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+
+    /// The shortest exact form in one unit, e.g. `7d`, `90s`, `250ms`.
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+            if ms >= size && ms % size == 0 {
+                return format!("{}{unit}", ms / size);
+            }
+        }
+        format!("{ms}ms")
+    }
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            format!("`{text}` is not a duration ({e}); use e.g. 250ms, 30s, 5m, 1h, 7d")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+pipeline: home
+stream: {name: home.widget-events, consumerGroup: core-ingester, maxLength: 1000000}
+cache: {keyPrefix: "hw:home:", ingestTtl: 7d, fallbackTtl: 1h}
+reclaim: {minIdle: 30s, interval: 15s, maxDeliveries: 5}
+sources:
+  - {name: deals, outboxTable: widget_outbox, batchSize: 500, pollInterval: 250ms}
+screens:
+  - {name: home, widgets: ["deals.top-picks", "loyalty.points:{user}"]}
+"#;
+
+    #[test]
+    fn full_example_parses_with_the_documented_values() {
+        let c = Config::from_yaml_str(FULL).expect("valid");
+        assert_eq!(c.stream_name(), "home.widget-events");
+        assert_eq!(c.key_prefix(), "hw:home:");
+        assert_eq!(c.cache.ingest_ttl, Duration::from_secs(604_800));
+        assert_eq!(c.sources[0].poll_interval, Duration::from_millis(250));
+        assert_eq!(c.screen("home").map(|s| s.widgets.len()), Some(2));
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_yaml_str("pipeline: shop\nsources: [{name: deals}]\n").expect("valid");
+        assert_eq!(c.stream_name(), "shop.widget-events");
+        assert_eq!(c.stream.consumer_group, "core-ingester");
+        assert_eq!(c.stream.max_length, 1_000_000);
+        assert_eq!(c.key_prefix(), "hw:shop:");
+        assert_eq!(c.stats_key(), "hw:shop:stats");
+        assert_eq!(c.cache.fallback_ttl, Duration::from_secs(3600));
+        assert_eq!(c.reclaim, ReclaimConfig::default());
+        assert_eq!(c.sources[0], SourceConfig::named("deals"));
+    }
+
+    #[test]
+    fn serialized_config_parses_back_to_the_same_value() {
+        let c = Config::from_yaml_str(FULL).expect("valid");
+        let again = Config::from_yaml_str(&c.to_yaml()).expect("round trip");
+        assert_eq!(c, again);
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_yaml_str(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let e = err("pipeline: home\nsources: [{name: deals, batchsize: 5}]\n");
+        assert!(e.contains("unknown field `batchsize`"), "{e}");
+        let e = err("sources: [{name: deals}]\n");
+        assert!(e.contains("missing field `pipeline`"), "{e}");
+        let e = err("pipeline: home\nsources: []\n");
+        assert!(e.contains("`sources`") && e.contains("at least one"), "{e}");
+        let e = err("pipeline: home\nsources: [{name: deals}, {name: deals}]\n");
+        assert!(e.contains("sources[1].name") && e.contains("duplicate"), "{e}");
+        let e = err("pipeline: home\nsources: [{name: Deals}]\n");
+        assert!(e.contains("sources[0].name"), "{e}");
+        let e = err("pipeline: home\nsources: [{name: deals, pollInterval: soon}]\n");
+        assert!(e.contains("`soon` is not a duration"), "{e}");
+        let e = err("pipeline: home\nsources: [{name: deals, outboxTable: \"x; drop table y\"}]\n");
+        assert!(e.contains("sources[0].outboxTable"), "{e}");
+        let e = err("pipeline: home\nsources: [{name: deals, batchSize: 0}]\n");
+        assert!(e.contains("sources[0].batchSize"), "{e}");
+        let e = err("pipeline: home\nreclaim: {minIdle: 0s}\nsources: [{name: deals}]\n");
+        assert!(e.contains("reclaim.minIdle"), "{e}");
+        let e = err(
+            "pipeline: home\nsources: [{name: deals}]\nscreens: [{name: home, widgets: [\"nodot\"]}]\n",
+        );
+        assert!(e.contains("screens[0].widgets[0]"), "{e}");
+    }
+
+    #[test]
+    fn durations_format_in_one_unit() {
+        use human_duration::format;
+        assert_eq!(format(Duration::from_secs(604_800)), "7d");
+        assert_eq!(format(Duration::from_millis(250)), "250ms");
+        assert_eq!(format(Duration::from_secs(90)), "90s");
+        assert_eq!(format(Duration::from_secs(3600)), "1h");
+    }
+}

@@ -1,0 +1,17 @@
+//! The runtime of the Home Widget Platform: the producer library that product services link,
+//! and the three components (outbox-worker, ingester, core-api) of the `widget-runtime` binary.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod connect;
+pub mod event;
+pub mod outbox;
+pub mod shutdown;
+pub mod stats;
+pub mod store;
+pub mod stream;
+pub mod telemetry;
+
+pub use event::{Op, WidgetEvent};
+pub use outbox::Outbox;

@@ -1,0 +1,133 @@
+//! The core database: the `widgets` table behind the hot cache.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+
+use crate::event::Op;
+
+/// The `widgets` table. Core and product migrations may share one database (the `dev`
+/// command does), so each set ignores the other's applied versions.
+pub static CORE_MIGRATIONS: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut m = sqlx::migrate!("../migrations/core");
+    m.set_ignore_missing(true);
+    m
+});
+
+/// The outbox table of a product database.
+pub static PRODUCT_MIGRATIONS: LazyLock<Migrator> = LazyLock::new(|| {
+    let mut m = sqlx::migrate!("../migrations/product");
+    m.set_ignore_missing(true);
+    m
+});
+
+/// Runs a migration set. Safe with several replicas starting at once: sqlx serializes them
+/// with an advisory lock and applied versions are skipped.
+pub async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrator.run(pool).await
+}
+
+/// One change to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub widget_key: String,
+    pub widget_type: String,
+    pub source: String,
+    pub data_version: i64,
+    pub op: Op,
+    /// JSON text; `None` for deletes.
+    pub content: Option<String>,
+}
+
+/// A change that won the version guard and is now the stored state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub widget_key: String,
+    pub data_version: i64,
+}
+
+/// Applies changes with one version-guarded UPSERT. Only a newer version replaces a row; a
+/// delete keeps a tombstone with its version. Returns the changes that won; the others were
+/// stale (an equal or newer version is already stored, or a newer one is in the same batch).
+pub async fn apply_batch(pool: &PgPool, changes: &[Change]) -> Result<Vec<Applied>, sqlx::Error> {
+    // ON CONFLICT cannot touch one row twice in a statement: keep the newest change per key.
+    let mut newest: HashMap<&str, &Change> = HashMap::with_capacity(changes.len());
+    for c in changes {
+        match newest.get(c.widget_key.as_str()) {
+            Some(prev) if prev.data_version >= c.data_version => {}
+            _ => {
+                newest.insert(&c.widget_key, c);
+            }
+        }
+    }
+    let n = newest.len();
+    let (mut keys, mut types, mut sources) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut versions, mut deleted, mut contents) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    for c in newest.values() {
+        keys.push(c.widget_key.as_str());
+        types.push(c.widget_type.as_str());
+        sources.push(c.source.as_str());
+        versions.push(c.data_version);
+        deleted.push(c.op == Op::Delete);
+        contents.push(c.content.as_deref());
+    }
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        r#"
+        INSERT INTO widgets AS w (widget_key, widget_type, source, data_version, deleted, content)
+        SELECT k, t, s, v, d, c::jsonb
+        FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bool[], $6::text[])
+             AS u(k, t, s, v, d, c)
+        ON CONFLICT (widget_key) DO UPDATE
+           SET widget_type  = EXCLUDED.widget_type,
+               source       = EXCLUDED.source,
+               data_version = EXCLUDED.data_version,
+               deleted      = EXCLUDED.deleted,
+               content      = EXCLUDED.content,
+               updated_at   = clock_timestamp()
+         WHERE w.data_version < EXCLUDED.data_version
+        RETURNING widget_key, data_version
+        "#,
+    )
+    .bind(&keys)
+    .bind(&types)
+    .bind(&sources)
+    .bind(&versions)
+    .bind(&deleted)
+    .bind(&contents)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(widget_key, data_version)| Applied {
+            widget_key,
+            data_version,
+        })
+        .collect())
+}
+
+/// A stored widget as the API needs it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredWidget {
+    pub widget_key: String,
+    pub widget_type: String,
+    pub data_version: i64,
+    pub deleted: bool,
+    /// JSON text; `None` for tombstones.
+    pub content: Option<String>,
+}
+
+/// Reads many widgets (tombstones included) in one query.
+pub async fn fetch_many(pool: &PgPool, keys: &[&str]) -> Result<Vec<StoredWidget>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(
+        "SELECT widget_key, widget_type, data_version, deleted, content::text AS content
+         FROM widgets WHERE widget_key = ANY($1::text[])",
+    )
+    .bind(keys)
+    .fetch_all(pool)
+    .await
+}
