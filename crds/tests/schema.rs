@@ -7,7 +7,9 @@ use serde_json::{Value, json};
 use widget_crds::{CRD_FILE, WidgetPipeline, crd_yaml};
 
 fn committed_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(CRD_FILE)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(CRD_FILE)
 }
 
 /// Regenerate with `UPDATE_CRD=1 cargo nextest run -p widget-crds` (or `widget-operator crd`).
@@ -18,8 +20,8 @@ fn committed_crd_matches_the_types() {
     if std::env::var_os("UPDATE_CRD").is_some() {
         std::fs::write(&path, &generated).expect("write CRD file");
     }
-    let committed = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let committed =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     assert!(
         committed == generated,
         "{CRD_FILE} is out of date; regenerate it with `widget-operator crd > {CRD_FILE}`"
@@ -43,7 +45,11 @@ fn as_json_schema(schema: &Value) -> Value {
                 let v = match k.as_str() {
                     "properties" | "patternProperties" => Value::Object(
                         v.as_object()
-                            .map(|m| m.iter().map(|(k, v)| (k.clone(), as_json_schema(v))).collect())
+                            .map(|m| {
+                                m.iter()
+                                    .map(|(k, v)| (k.clone(), as_json_schema(v)))
+                                    .collect()
+                            })
                             .unwrap_or_default(),
                     ),
                     _ => as_json_schema(v),
@@ -103,7 +109,9 @@ fn duplicate_source_names_are_rejected_by_the_cel_rule() {
         .push(first);
     let errors = schema_errors(&wp);
     assert!(
-        errors.iter().any(|e| e.contains("source names must be unique")),
+        errors
+            .iter()
+            .any(|e| e.contains("source names must be unique")),
         "{errors:?}"
     );
     // The rule is really in the committed schema the apiserver evaluates.
@@ -138,7 +146,9 @@ fn bad_durations_are_rejected() {
         *wp.pointer_mut(path).expect("field exists in the sample") = json!(bad);
         let errors = schema_errors(&wp);
         assert!(
-            errors.iter().any(|e| e.starts_with(path) && e.contains("does not match")),
+            errors
+                .iter()
+                .any(|e| e.starts_with(path) && e.contains("does not match")),
             "{path}={bad}: {errors:?}"
         );
     }
@@ -222,9 +232,12 @@ fn crd_has_the_printer_columns_short_name_and_status_subresource() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(columns, ["Ready", "Sources", "Lag", "Pending", "Reclaimed", "Age"]);
-    let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-        ["conditions"];
+    assert_eq!(
+        columns,
+        ["Ready", "Sources", "Lag", "Pending", "Reclaimed", "Age"]
+    );
+    let conditions =
+        &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
     assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
 }

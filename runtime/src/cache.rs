@@ -76,7 +76,10 @@ pub fn decode_value(raw: &[u8]) -> Option<Cached<'_>> {
     if raw.len() < HEADER_LEN || raw[VERSION_WIDTH] != b'|' {
         return None;
     }
-    let version: i64 = std::str::from_utf8(&raw[..VERSION_WIDTH]).ok()?.parse().ok()?;
+    let version: i64 = std::str::from_utf8(&raw[..VERSION_WIDTH])
+        .ok()?
+        .parse()
+        .ok()?;
     let json = &raw[HEADER_LEN..];
     Some(if json.is_empty() {
         Cached::Deleted { version }
@@ -129,7 +132,11 @@ impl Cache {
         let mut inv = GUARDED_SET.prepare_invoke();
         for w in writes {
             inv.key(self.key(w.widget_key));
-            inv.arg(format!("{:0width$}", w.version.max(0), width = VERSION_WIDTH));
+            inv.arg(format!(
+                "{:0width$}",
+                w.version.max(0),
+                width = VERSION_WIDTH
+            ));
             inv.arg(encode_value(w.version, w.json));
             inv.arg(w.ttl.as_millis().max(1) as u64);
         }
@@ -165,7 +172,10 @@ mod tests {
         assert_eq!(&v[..20], b"0000000000000000042|");
         assert_eq!(decode_value(&v), Some(Cached::Widget { version: 42, json }));
         let t = encode_value(i64::MAX, None);
-        assert_eq!(decode_value(&t), Some(Cached::Deleted { version: i64::MAX }));
+        assert_eq!(
+            decode_value(&t),
+            Some(Cached::Deleted { version: i64::MAX })
+        );
         assert_eq!(decode_value(b"garbage"), None);
         assert_eq!(decode_value(b"000000000000000004x|{}"), None);
     }

@@ -279,7 +279,10 @@ impl Config {
                 // A placeholder stands for a valid parameter; check the key with one substituted.
                 let concrete = key.replace(USER_PLACEHOLDER, "u");
                 WidgetKey::parse(&concrete).map_err(|e: KeyError| {
-                    invalid(format!("screens[{i}].widgets[{j}]"), format!("`{key}`: {e}"))
+                    invalid(
+                        format!("screens[{i}].widgets[{j}]"),
+                        format!("`{key}`: {e}"),
+                    )
                 })?;
             }
         }
@@ -368,7 +371,12 @@ pub mod human_duration {
     /// The shortest exact form in one unit, e.g. `7d`, `90s`, `250ms`.
     pub fn format(d: Duration) -> String {
         let ms = d.as_millis();
-        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        for (unit, size) in [
+            ("d", 86_400_000u128),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
             if ms >= size && ms % size == 0 {
                 return format!("{}{unit}", ms / size);
             }
@@ -429,7 +437,9 @@ screens:
     }
 
     fn err(text: &str) -> String {
-        Config::from_yaml_str(text).expect_err("must be rejected").to_string()
+        Config::from_yaml_str(text)
+            .expect_err("must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -441,7 +451,10 @@ screens:
         let e = err("pipeline: home\nsources: []\n");
         assert!(e.contains("`sources`") && e.contains("at least one"), "{e}");
         let e = err("pipeline: home\nsources: [{name: deals}, {name: deals}]\n");
-        assert!(e.contains("sources[1].name") && e.contains("duplicate"), "{e}");
+        assert!(
+            e.contains("sources[1].name") && e.contains("duplicate"),
+            "{e}"
+        );
         let e = err("pipeline: home\nsources: [{name: Deals}]\n");
         assert!(e.contains("sources[0].name"), "{e}");
         let e = err("pipeline: home\nsources: [{name: deals, pollInterval: soon}]\n");

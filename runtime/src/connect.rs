@@ -35,7 +35,9 @@ pub async fn redis_blocking(
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
         .set_response_timeout(Some(block + Duration::from_secs(3)));
-    client.get_multiplexed_async_connection_with_config(&cfg).await
+    client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
 }
 
 /// A pool that connects lazily, so a component starts (and reports not-ready) while its

@@ -140,7 +140,9 @@ pub enum EventError {
     UnexpectedContent,
     #[error("content is {size} bytes, more than the limit of {MAX_CONTENT_BYTES}")]
     ContentTooLarge { size: usize },
-    #[error("source `{source_name}` may not write `{key}`: keys of this source start with `{source_name}.`")]
+    #[error(
+        "source `{source_name}` may not write `{key}`: keys of this source start with `{source_name}.`"
+    )]
     ForeignKey { source_name: String, key: String },
 }
 
@@ -223,7 +225,11 @@ impl WidgetEvent {
         }
     }
 
-    pub fn delete(key: impl Into<String>, widget_type: impl Into<String>, data_version: i64) -> Self {
+    pub fn delete(
+        key: impl Into<String>,
+        widget_type: impl Into<String>,
+        data_version: i64,
+    ) -> Self {
         Self {
             widget_key: key.into(),
             widget_type: widget_type.into(),
@@ -255,7 +261,10 @@ mod tests {
     #[test]
     fn keys_parse_into_parts() {
         let k = WidgetKey::parse("loyalty.points:u-42").expect("valid");
-        assert_eq!((k.source, k.name, k.param), ("loyalty", "points", Some("u-42")));
+        assert_eq!(
+            (k.source, k.name, k.param),
+            ("loyalty", "points", Some("u-42"))
+        );
         let k = WidgetKey::parse("deals.top-picks").expect("valid");
         assert_eq!((k.source, k.name, k.param), ("deals", "top-picks", None));
     }
@@ -264,10 +273,22 @@ mod tests {
     fn bad_keys_are_rejected_with_the_reason() {
         assert_eq!(WidgetKey::parse(""), Err(KeyError::Empty));
         assert_eq!(WidgetKey::parse("nodot"), Err(KeyError::NoSource));
-        assert!(matches!(WidgetKey::parse("Deals.x"), Err(KeyError::BadSource(_))));
-        assert!(matches!(WidgetKey::parse("deals."), Err(KeyError::BadName(_))));
-        assert!(matches!(WidgetKey::parse("deals.x:"), Err(KeyError::BadParam(_))));
-        assert!(matches!(WidgetKey::parse("deals.x:a b"), Err(KeyError::BadParam(_))));
+        assert!(matches!(
+            WidgetKey::parse("Deals.x"),
+            Err(KeyError::BadSource(_))
+        ));
+        assert!(matches!(
+            WidgetKey::parse("deals."),
+            Err(KeyError::BadName(_))
+        ));
+        assert!(matches!(
+            WidgetKey::parse("deals.x:"),
+            Err(KeyError::BadParam(_))
+        ));
+        assert!(matches!(
+            WidgetKey::parse("deals.x:a b"),
+            Err(KeyError::BadParam(_))
+        ));
         assert_eq!(WidgetKey::parse(&"a.".repeat(150)), Err(KeyError::TooLong));
     }
 
@@ -275,7 +296,10 @@ mod tests {
     fn events_are_validated() {
         let ok = WidgetEvent::upsert("deals.top", "carousel", 1, json!({"a": 1}));
         assert_eq!(ok.validate(), Ok(Some(r#"{"a":1}"#.into())));
-        assert_eq!(WidgetEvent::delete("deals.top", "carousel", 2).validate(), Ok(None));
+        assert_eq!(
+            WidgetEvent::delete("deals.top", "carousel", 2).validate(),
+            Ok(None)
+        );
         let mut e = ok.clone();
         e.data_version = 0;
         assert_eq!(e.validate(), Err(EventError::Version(0)));
@@ -286,7 +310,10 @@ mod tests {
         e.content = None;
         assert_eq!(e.validate(), Err(EventError::MissingContent));
         let big = WidgetEvent::upsert("deals.top", "t", 1, json!("x".repeat(MAX_CONTENT_BYTES)));
-        assert!(matches!(big.validate(), Err(EventError::ContentTooLarge { .. })));
+        assert!(matches!(
+            big.validate(),
+            Err(EventError::ContentTooLarge { .. })
+        ));
     }
 
     #[test]

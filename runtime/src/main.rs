@@ -2,18 +2,31 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use prometheus_client::registry::Registry;
+use widget_runtime::admin::{self, AdminState, Readiness};
 use widget_runtime::config::Config;
 use widget_runtime::telemetry::{self, LogFormat};
 use widget_runtime::{connect, outbox, shutdown, store};
 
 #[derive(Parser)]
-#[command(name = "widget-runtime", version, about = "Home Widget Platform runtime components")]
+#[command(
+    name = "widget-runtime",
+    version,
+    about = "Home Widget Platform runtime components"
+)]
 struct Cli {
     /// Log as human-readable text or one JSON object per line.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -67,6 +80,20 @@ struct OutboxWorkerArgs {
     source_database_url: String,
 }
 
+/// Serves /healthz, /readyz and /metrics beside a component until `cancel` fires.
+fn spawn_admin(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    readiness: Readiness,
+    cancel: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let app = admin::router(AdminState {
+        readiness,
+        registry: Arc::new(registry),
+    });
+    tokio::spawn(admin::serve(listener, app, cancel))
+}
+
 fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("invalid configuration in {}", path.display()))
 }
@@ -78,7 +105,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate { target } => {
             let (url, migrator, what) = match target {
-                MigrateTarget::Core { database_url } => (database_url, &*store::CORE_MIGRATIONS, "core"),
+                MigrateTarget::Core { database_url } => {
+                    (database_url, &*store::CORE_MIGRATIONS, "core")
+                }
                 MigrateTarget::Product { database_url } => {
                     (database_url, &*store::PRODUCT_MIGRATIONS, "product")
                 }
@@ -101,7 +130,19 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", args.common.admin_listen))?;
             let cancel = shutdown::on_signal();
-            outbox::worker::run_standalone(settings, redis, pool, listener, cancel).await?;
+            let mut registry = Registry::default();
+            let readiness = Readiness::default();
+            let worker = outbox::worker::OutboxWorker::new(
+                settings,
+                redis,
+                pool,
+                &mut registry,
+                readiness.clone(),
+            );
+            let admin = spawn_admin(listener, registry, readiness, cancel.clone());
+            worker.run(cancel.clone()).await?;
+            cancel.cancel();
+            admin.await??;
         }
     }
     Ok(())

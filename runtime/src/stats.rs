@@ -93,9 +93,21 @@ impl Stats {
         conn: &mut C,
         stats_key: &str,
     ) -> redis::RedisResult<()> {
-        let counters = self.counters.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default();
-        let gauges = self.gauges.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
-        let lags = self.lag_window_ms.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default();
+        let counters = self
+            .counters
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        let gauges = self
+            .gauges
+            .lock()
+            .map(|mut g| std::mem::take(&mut *g))
+            .unwrap_or_default();
+        let lags = self
+            .lag_window_ms
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default();
         let now = unix_ms();
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -107,8 +119,10 @@ impl Stats {
         }
         if !lags.is_empty() {
             let (p50, p99) = percentiles(lags.clone());
-            pipe.hset(stats_key, field::INGRESS_LAG_P50_MS, p50).ignore();
-            pipe.hset(stats_key, field::INGRESS_LAG_P99_MS, p99).ignore();
+            pipe.hset(stats_key, field::INGRESS_LAG_P50_MS, p50)
+                .ignore();
+            pipe.hset(stats_key, field::INGRESS_LAG_P99_MS, p99)
+                .ignore();
             pipe.hset(stats_key, field::INGRESS_LAG_AT, now).ignore();
         }
         pipe.hset(stats_key, field::UPDATED_AT, now).ignore();

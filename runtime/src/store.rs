@@ -25,7 +25,10 @@ pub static PRODUCT_MIGRATIONS: LazyLock<Migrator> = LazyLock::new(|| {
 
 /// Runs a migration set. Safe with several replicas starting at once: sqlx serializes them
 /// with an advisory lock and applied versions are skipped.
-pub async fn migrate(migrator: &Migrator, pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+pub async fn migrate(
+    migrator: &Migrator,
+    pool: &PgPool,
+) -> Result<(), sqlx::migrate::MigrateError> {
     migrator.run(pool).await
 }
 
@@ -63,8 +66,16 @@ pub async fn apply_batch(pool: &PgPool, changes: &[Change]) -> Result<Vec<Applie
         }
     }
     let n = newest.len();
-    let (mut keys, mut types, mut sources) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut versions, mut deleted, mut contents) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut keys, mut types, mut sources) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut versions, mut deleted, mut contents) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for c in newest.values() {
         keys.push(c.widget_key.as_str());
         types.push(c.widget_type.as_str());

@@ -48,7 +48,9 @@ pub enum DecodeError {
         field: &'static str,
         message: String,
     },
-    #[error("envelope version `{0}` is not supported (this build reads version {ENVELOPE_VERSION})")]
+    #[error(
+        "envelope version `{0}` is not supported (this build reads version {ENVELOPE_VERSION})"
+    )]
     Version(String),
     #[error(transparent)]
     Rules(#[from] EventError),
@@ -74,12 +76,18 @@ impl StreamEvent {
         f.push((field::SOURCE, self.source.as_bytes().to_vec()));
         f.push((field::WIDGET_KEY, self.widget_key.as_bytes().to_vec()));
         f.push((field::WIDGET_TYPE, self.widget_type.as_bytes().to_vec()));
-        f.push((field::DATA_VERSION, self.data_version.to_string().into_bytes()));
+        f.push((
+            field::DATA_VERSION,
+            self.data_version.to_string().into_bytes(),
+        ));
         f.push((field::OP, self.op.as_str().as_bytes().to_vec()));
         if let Some(c) = &self.content {
             f.push((field::CONTENT, c.clone()));
         }
-        f.push((field::PRODUCED_AT_US, self.produced_at_us.to_string().into_bytes()));
+        f.push((
+            field::PRODUCED_AT_US,
+            self.produced_at_us.to_string().into_bytes(),
+        ));
         f
     }
 
@@ -214,15 +222,27 @@ mod tests {
     fn bad_entries_have_reasons() {
         let mut m = as_map(&sample());
         m.remove(field::WIDGET_KEY);
-        assert_eq!(StreamEvent::decode(&m).map_err(|e| e.reason()), Err("undecodable"));
+        assert_eq!(
+            StreamEvent::decode(&m).map_err(|e| e.reason()),
+            Err("undecodable")
+        );
 
         let mut m = as_map(&sample());
-        m.insert(field::CONTENT.into(), Value::BulkString(b"{not json".to_vec()));
-        assert_eq!(StreamEvent::decode(&m).map_err(|e| e.reason()), Err("undecodable"));
+        m.insert(
+            field::CONTENT.into(),
+            Value::BulkString(b"{not json".to_vec()),
+        );
+        assert_eq!(
+            StreamEvent::decode(&m).map_err(|e| e.reason()),
+            Err("undecodable")
+        );
 
         let mut m = as_map(&sample());
         m.insert(field::VERSION.into(), Value::BulkString(b"9".to_vec()));
-        assert_eq!(StreamEvent::decode(&m).map_err(|e| e.reason()), Err("unsupported-envelope"));
+        assert_eq!(
+            StreamEvent::decode(&m).map_err(|e| e.reason()),
+            Err("unsupported-envelope")
+        );
 
         let mut ev = sample();
         ev.widget_key = "loyalty.points".into();

@@ -112,7 +112,11 @@ fn wait_exit(child: &mut Child, limit: Duration) {
 
 fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -147,7 +151,14 @@ fn pg_user() -> Option<String> {
     if !is_root() {
         return None;
     }
-    Some(if user_exists("postgres") { "postgres" } else { "nobody" }.to_string())
+    Some(
+        if user_exists("postgres") {
+            "postgres"
+        } else {
+            "nobody"
+        }
+        .to_string(),
+    )
 }
 
 fn chown(path: &Path, user: &str) -> Result<()> {
@@ -159,7 +170,10 @@ fn chown(path: &Path, user: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Io(format!("chown {} to {user} failed", path.display())))
+        Err(Error::Io(format!(
+            "chown {} to {user} failed",
+            path.display()
+        )))
     }
 }
 
@@ -187,7 +201,16 @@ fn template_cluster(bindir: &Path, user: Option<&str>) -> Result<PathBuf> {
     let logf = std::fs::File::create(&log).map_err(io("create initdb log"))?;
     let status = guarded(&bindir.join("initdb"), user)?
         .args(["-D", &staging.display().to_string()])
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"])
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ])
         .stdout(logf.try_clone().map_err(io("log"))?)
         .stderr(logf)
         .status()
@@ -222,7 +245,11 @@ impl PgServer {
             .map_err(io("create temp dir"))?;
         let data = dir.path().join("data");
         let ok = Command::new("cp")
-            .args(["-a", &template.display().to_string(), &data.display().to_string()])
+            .args([
+                "-a",
+                &template.display().to_string(),
+                &data.display().to_string(),
+            ])
             .status()
             .map_err(io("copy template cluster"))?
             .success();
@@ -290,7 +317,10 @@ impl PgServer {
             .args(["-D", &data.display().to_string()])
             .args(["-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", &format!("unix_socket_directories={}", self.dir.path().display())])
+            .args([
+                "-c",
+                &format!("unix_socket_directories={}", self.dir.path().display()),
+            ])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
             .args(["-c", "shared_buffers=32MB"])
@@ -526,14 +556,29 @@ mod tests {
         let mut pg = PgServer::start().await.expect("start postgres");
         let url = pg.fresh_database().await.expect("db");
         let pool = sqlx::PgPool::connect(&url).await.expect("connect");
-        sqlx::query("CREATE TABLE t (x int)").execute(&pool).await.expect("create");
-        sqlx::query("INSERT INTO t VALUES (7)").execute(&pool).await.expect("insert");
+        sqlx::query("CREATE TABLE t (x int)")
+            .execute(&pool)
+            .await
+            .expect("create");
+        sqlx::query("INSERT INTO t VALUES (7)")
+            .execute(&pool)
+            .await
+            .expect("insert");
         pool.close().await;
         pg.stop().await;
-        assert!(sqlx::PgPool::connect(&url).await.is_err(), "server is down");
+        {
+            use sqlx::Connection;
+            assert!(
+                sqlx::PgConnection::connect(&url).await.is_err(),
+                "server is down"
+            );
+        }
         pg.start_again().await.expect("restart");
         let pool = sqlx::PgPool::connect(&url).await.expect("reconnect");
-        let x: i32 = sqlx::query_scalar("SELECT x FROM t").fetch_one(&pool).await.expect("select");
+        let x: i32 = sqlx::query_scalar("SELECT x FROM t")
+            .fetch_one(&pool)
+            .await
+            .expect("select");
         assert_eq!(x, 7);
     }
 
@@ -541,18 +586,31 @@ mod tests {
     async fn redis_restart_keeps_data_and_wipe_empties_it() {
         let mut r = RedisServer::start().await.expect("start redis");
         let mut c = r.connection().await.expect("conn");
-        let _: () = redis::cmd("SET").arg("k").arg("v").query_async(&mut c).await.expect("set");
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async(&mut c)
+            .await
+            .expect("set");
         r.stop().await;
         assert!(r.connection().await.is_err(), "server is down");
         r.start_again().await.expect("restart");
         let mut c = r.connection().await.expect("conn");
-        let v: Option<String> = redis::cmd("GET").arg("k").query_async(&mut c).await.expect("get");
+        let v: Option<String> = redis::cmd("GET")
+            .arg("k")
+            .query_async(&mut c)
+            .await
+            .expect("get");
         assert_eq!(v.as_deref(), Some("v"));
         r.kill().await;
         r.wipe();
         r.start_again().await.expect("restart empty");
         let mut c = r.connection().await.expect("conn");
-        let v: Option<String> = redis::cmd("GET").arg("k").query_async(&mut c).await.expect("get");
+        let v: Option<String> = redis::cmd("GET")
+            .arg("k")
+            .query_async(&mut c)
+            .await
+            .expect("get");
         assert_eq!(v, None);
     }
 }

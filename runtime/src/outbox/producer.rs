@@ -86,7 +86,11 @@ impl Outbox {
             return Ok(Vec::new());
         }
         let n = events.len();
-        let (mut keys, mut types, mut versions) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut keys, mut types, mut versions) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         let (mut ops, mut contents) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for (index, e) in events.iter().enumerate() {
             let content = e

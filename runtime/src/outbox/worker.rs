@@ -1,1 +1,665 @@
-//! The outbox-worker (relay).
+//! The outbox-worker: relays one product source's outbox rows to the pipeline's Redis Stream.
+//!
+//! One relay step: claim up to `batchSize` rows (`FOR UPDATE SKIP LOCKED`, id order), XADD them
+//! in one pipeline, then delete them in the same transaction. Any failure rolls the claim back,
+//! so rows are published at least once and never lost; a crash between XADD and commit
+//! publishes them again (the ingester's version guard makes that harmless). Several workers may
+//! run per source: SKIP LOCKED hands each a different batch. No `id > last_id` cursor is kept,
+//! because a sequence value can commit after a larger one.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Readiness;
+use crate::config::{Config, SourceConfig};
+use crate::connect;
+use crate::event::Op;
+use crate::stats::{self, Stats};
+use crate::stream::StreamEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("source `{0}` is not in the config's `sources` (known: {1})")]
+    UnknownSource(String, String),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("outbox database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Everything one worker needs from the pipeline config.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub source: SourceConfig,
+    pub stream: String,
+    pub consumer_group: String,
+    pub max_length: u64,
+    pub stats_key: String,
+    pub stats_interval: Duration,
+    /// How often the backlog gauge is refreshed.
+    pub backlog_interval: Duration,
+}
+
+impl WorkerSettings {
+    pub fn from_config(config: &Config, source: &str) -> Result<Self, WorkerError> {
+        let src = config.source(source).cloned().ok_or_else(|| {
+            let known: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+            WorkerError::UnknownSource(source.into(), known.join(", "))
+        })?;
+        Ok(Self {
+            source: src,
+            stream: config.stream_name(),
+            consumer_group: config.stream.consumer_group.clone(),
+            max_length: config.stream.max_length,
+            stats_key: config.stats_key(),
+            stats_interval: stats::FLUSH_INTERVAL,
+            backlog_interval: Duration::from_secs(2),
+        })
+    }
+
+    /// Relaying pauses while the group's unread + pending entries are at or above this.
+    pub fn backpressure_limit(&self) -> u64 {
+        self.max_length
+            .saturating_sub(u64::from(self.source.batch_size))
+            .max(self.max_length / 2)
+    }
+}
+
+#[derive(Clone)]
+struct WorkerMetrics {
+    backlog: Gauge,
+    published: Counter,
+    errors: Family<Vec<(String, String)>, Counter>,
+    batch_seconds: Histogram,
+    backpressure: Gauge,
+}
+
+impl WorkerMetrics {
+    fn register(registry: &mut Registry, source: &str) -> Self {
+        let m = Self {
+            backlog: Gauge::default(),
+            published: Counter::default(),
+            errors: Family::default(),
+            batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            backpressure: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_label(("source".into(), source.to_string().into()));
+        r.register(
+            "widget_outbox_backlog",
+            "Unpublished rows in the outbox table",
+            m.backlog.clone(),
+        );
+        r.register(
+            "widget_outbox_published",
+            "Events added to the stream",
+            m.published.clone(),
+        );
+        r.register(
+            "widget_outbox_relay_errors",
+            "Relay attempts that failed, by store",
+            m.errors.clone(),
+        );
+        r.register(
+            "widget_outbox_batch_duration_seconds",
+            "Time to claim, publish and delete one batch",
+            m.batch_seconds.clone(),
+        );
+        r.register(
+            "widget_outbox_backpressure",
+            "1 while relaying is paused because the consumer group is too far behind",
+            m.backpressure.clone(),
+        );
+        m
+    }
+}
+
+/// What one relay step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    Published(usize),
+    Empty,
+    BackPressure { unread: u64 },
+}
+
+struct OutboxRow {
+    id: i64,
+    widget_key: String,
+    widget_type: String,
+    data_version: i64,
+    op: String,
+    content: Option<String>,
+    produced_at_us: i64,
+}
+
+pub struct OutboxWorker {
+    settings: WorkerSettings,
+    redis: redis::Client,
+    pool: PgPool,
+    metrics: WorkerMetrics,
+    readiness: Readiness,
+    stats: Arc<Stats>,
+    wake: Arc<Notify>,
+    claim_sql: String,
+    delete_sql: String,
+}
+
+impl OutboxWorker {
+    pub fn new(
+        settings: WorkerSettings,
+        redis: redis::Client,
+        pool: PgPool,
+        registry: &mut Registry,
+        readiness: Readiness,
+    ) -> Self {
+        let metrics = WorkerMetrics::register(registry, &settings.source.name);
+        // The table name is a validated identifier (config::check_identifier).
+        let table = &settings.source.outbox_table;
+        let claim_sql = format!(
+            "SELECT id, widget_key, widget_type, data_version, op, content::text AS content,
+                    (extract(epoch FROM created_at) * 1000000)::bigint AS produced_at_us
+             FROM {table} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        );
+        let delete_sql = format!("DELETE FROM {table} WHERE id = ANY($1::bigint[])");
+        readiness.fail("redis", "not connected yet");
+        readiness.fail("database", "not connected yet");
+        Self {
+            settings,
+            redis,
+            pool,
+            metrics,
+            readiness,
+            stats: Arc::new(Stats::new()),
+            wake: Arc::new(Notify::new()),
+            claim_sql,
+            delete_sql,
+        }
+    }
+
+    /// Relays until `cancel` fires. The batch in flight when it fires is finished or rolled back.
+    /// Store outages are waited out with backoff; only cancellation ends the loop.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
+        let name = self.settings.source.name.clone();
+        tracing::info!(source = %name, stream = %self.settings.stream, "outbox-worker started");
+        let tasks = [
+            tokio::spawn(listen_for_wakeups(
+                self.pool.clone(),
+                self.settings.source.outbox_table.clone(),
+                self.wake.clone(),
+                cancel.clone(),
+            )),
+            tokio::spawn(sample_backlog(
+                self.pool.clone(),
+                self.settings.clone(),
+                self.metrics.backlog.clone(),
+                self.stats.clone(),
+                cancel.clone(),
+            )),
+            tokio::spawn(flush_stats(
+                self.redis.clone(),
+                self.stats.clone(),
+                self.settings.clone(),
+                cancel.clone(),
+            )),
+        ];
+        let mut conn: Option<ConnectionManager> = None;
+        let mut failures: u32 = 0;
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            let outcome = self.relay_once(&mut conn).await;
+            let pause = match outcome {
+                Ok(Relayed::Published(n)) => {
+                    failures = 0;
+                    self.metrics
+                        .batch_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.backpressure.set(0);
+                    if n >= self.settings.source.batch_size as usize {
+                        continue; // a full batch: more rows are likely waiting
+                    }
+                    Some(self.settings.source.poll_interval)
+                }
+                Ok(Relayed::Empty) => {
+                    failures = 0;
+                    self.metrics.backpressure.set(0);
+                    Some(self.settings.source.poll_interval)
+                }
+                Ok(Relayed::BackPressure { unread }) => {
+                    failures = 0;
+                    if self.metrics.backpressure.set(1) == 0 {
+                        tracing::warn!(source = %name, unread, limit = self.settings.backpressure_limit(),
+                            "consumer group is behind; relaying paused, rows wait in the outbox");
+                    }
+                    // New rows do not help here: wait the poll interval, not for a wake-up.
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(self.settings.source.poll_interval.max(Duration::from_millis(200))) => {}
+                    }
+                    None
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let kind = match &e {
+                        WorkerError::Redis(_) => "redis",
+                        _ => "database",
+                    };
+                    self.metrics
+                        .errors
+                        .get_or_create(&vec![("store".into(), kind.into())])
+                        .inc();
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(source = %name, error = %e, failures, "relay failed; rows stay in the outbox, retrying");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(backoff(failures)) => {}
+                    }
+                    None
+                }
+            };
+            if let Some(poll) = pause {
+                // NOTIFY wakes us early; the poll is the guarantee (notifications can be lost).
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        tracing::info!(source = %name, "outbox-worker stopped");
+        Ok(())
+    }
+
+    /// One relay step: back-pressure check, claim, XADD, delete.
+    pub async fn relay_once(
+        &self,
+        conn: &mut Option<ConnectionManager>,
+    ) -> Result<Relayed, WorkerError> {
+        let redis = match conn {
+            Some(c) => c,
+            None => match connect::redis_manager(&self.redis).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    self.readiness.fail("redis", e.to_string());
+                    return Err(e.into());
+                }
+            },
+        };
+        let unread = match self.guard_stream_length(redis).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.readiness.fail("redis", e.to_string());
+                return Err(e.into());
+            }
+        };
+        self.readiness.pass("redis");
+        if unread >= self.settings.backpressure_limit() {
+            return Ok(Relayed::BackPressure { unread });
+        }
+
+        let mut tx = self.pool.begin().await.inspect_err(|e| self.db_down(e))?;
+        let rows: Vec<OutboxRow> = sqlx::query_as::<
+            _,
+            (i64, String, String, i64, String, Option<String>, i64),
+        >(sqlx::AssertSqlSafe(self.claim_sql.as_str()))
+        .bind(i64::from(self.settings.source.batch_size))
+        .fetch_all(&mut *tx)
+        .await
+        .inspect_err(|e| self.db_down(e))?
+        .into_iter()
+        .map(
+            |(id, widget_key, widget_type, data_version, op, content, produced_at_us)| OutboxRow {
+                id,
+                widget_key,
+                widget_type,
+                data_version,
+                op,
+                content,
+                produced_at_us,
+            },
+        )
+        .collect();
+        self.readiness.pass("database");
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(Relayed::Empty);
+        }
+
+        let mut pipe = redis::pipe();
+        for row in &rows {
+            let parsed_op = Op::parse(&row.op);
+            let event = StreamEvent {
+                event_id: format!("{}:{}", self.settings.source.name, row.id),
+                source: self.settings.source.name.clone(),
+                widget_key: row.widget_key.clone(),
+                widget_type: row.widget_type.clone(),
+                data_version: row.data_version,
+                op: parsed_op.unwrap_or(Op::Upsert),
+                content: row.content.as_ref().map(|c| c.clone().into_bytes()),
+                produced_at_us: row.produced_at_us,
+            };
+            let mut fields = event.to_fields();
+            if parsed_op.is_none() {
+                // A row written around the library with an unknown op: relay it as written so
+                // the ingester dead-letters it with a reason instead of guessing.
+                for f in fields
+                    .iter_mut()
+                    .filter(|(name, _)| *name == crate::stream::field::OP)
+                {
+                    f.1 = row.op.clone().into_bytes();
+                }
+            }
+            pipe.xadd(&self.settings.stream, "*", &fields).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(redis).await {
+            self.readiness.fail("redis", e.to_string());
+            // Dropping the transaction rolls the claim back: the rows wait for the next attempt.
+            return Err(e.into());
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        sqlx::query(sqlx::AssertSqlSafe(self.delete_sql.as_str()))
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.metrics.published.inc_by(rows.len() as u64);
+        self.stats.add(stats::field::PUBLISHED, rows.len() as u64);
+        Ok(Relayed::Published(rows.len()))
+    }
+
+    fn db_down(&self, e: &sqlx::Error) {
+        self.readiness.fail("database", e.to_string());
+    }
+
+    /// Returns how many entries the group has not finished (unread + pending), and trims
+    /// history the group has already consumed once the stream is longer than `maxLength`.
+    /// Nothing unread or pending is ever trimmed.
+    async fn guard_stream_length(&self, redis: &mut ConnectionManager) -> redis::RedisResult<u64> {
+        let s = &self.settings;
+        let (len, groups): (u64, redis::Value) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&s.stream)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&s.stream)
+            .query_async(redis)
+            .await
+            .or_else(|e| {
+                // XINFO on a stream that does not exist yet fails: nothing to guard.
+                if e.to_string().contains("no such key") {
+                    Ok((0, redis::Value::Nil))
+                } else {
+                    Err(e)
+                }
+            })?;
+        let Some(group) = find_group(&groups, &s.consumer_group) else {
+            // No group yet (the ingester has not started): everything in the stream is unread.
+            return Ok(len);
+        };
+        let unread = match group.lag {
+            Some(lag) => lag + group.pending,
+            // Lag is unknown after some deletions: assume the worst consistent figure.
+            None => len,
+        };
+        if len > s.max_length {
+            let oldest_pending: Option<String> = if group.pending > 0 {
+                let reply: redis::Value = redis::cmd("XPENDING")
+                    .arg(&s.stream)
+                    .arg(&s.consumer_group)
+                    .query_async(redis)
+                    .await?;
+                pending_min_id(&reply)
+            } else {
+                None
+            };
+            let keep_from = oldest_pending.unwrap_or(group.last_delivered_id);
+            if keep_from != "0-0" {
+                let trimmed: u64 = redis::cmd("XTRIM")
+                    .arg(&s.stream)
+                    .arg("MINID")
+                    .arg("~")
+                    .arg(&keep_from)
+                    .query_async(redis)
+                    .await?;
+                tracing::debug!(trimmed, keep_from, "trimmed consumed stream history");
+            }
+        }
+        Ok(unread)
+    }
+}
+
+struct GroupInfo {
+    lag: Option<u64>,
+    pending: u64,
+    last_delivered_id: String,
+}
+
+fn find_group(reply: &redis::Value, name: &str) -> Option<GroupInfo> {
+    let redis::Value::Array(groups) = reply else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let fields = map_of(g);
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        if get("name").and_then(as_string).as_deref() != Some(name) {
+            return None;
+        }
+        Some(GroupInfo {
+            lag: get("lag").and_then(as_u64),
+            pending: get("pending").and_then(as_u64).unwrap_or(0),
+            last_delivered_id: get("last-delivered-id")
+                .and_then(as_string)
+                .unwrap_or_else(|| "0-0".into()),
+        })
+    })
+}
+
+/// XINFO replies are maps in RESP3 and flat key/value arrays in RESP2.
+fn map_of(v: &redis::Value) -> Vec<(String, &redis::Value)> {
+    match v {
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .filter_map(|(k, v)| as_string(k).map(|k| (k, v)))
+            .collect(),
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|c| match c {
+                [k, v] => as_string(k).map(|k| (k, v)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn as_string(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn as_u64(v: &redis::Value) -> Option<u64> {
+    match v {
+        redis::Value::Int(i) => u64::try_from(*i).ok(),
+        other => as_string(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+/// The smallest id of the summary form of XPENDING: `[count, min-id, max-id, consumers]`.
+fn pending_min_id(reply: &redis::Value) -> Option<String> {
+    match reply {
+        redis::Value::Array(items) => items.get(1).and_then(as_string),
+        _ => None,
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 5 s, each wait 50-100% of that.
+fn backoff(failures: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << failures.min(6)).min(5000);
+    Duration::from_millis(base / 2 + rand::random_range(0..=base / 2))
+}
+
+async fn listen_for_wakeups(
+    pool: PgPool,
+    channel: String,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            _ = cancel.cancelled() => return,
+            l = listener => match l {
+                Ok(l) => l,
+                Err(_) => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = listener.recv() => match n {
+                    Ok(_) => wake.notify_one(),
+                    // The listener reconnects on the next recv; notifications sent meanwhile
+                    // are lost, which the poll covers. Wake once in case we missed one.
+                    Err(_) => {
+                        wake.notify_one();
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+async fn sample_backlog(
+    pool: PgPool,
+    settings: WorkerSettings,
+    gauge: Gauge,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+) {
+    let sql = format!("SELECT count(*) FROM {}", settings.source.outbox_table);
+    let source = settings.source.name.clone();
+    loop {
+        if let Ok(n) = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.as_str()))
+            .fetch_one(&pool)
+            .await
+        {
+            gauge.set(n);
+            stats.set_gauge(
+                format!("{}{source}", stats::field::OUTBOX_BACKLOG_PREFIX),
+                n,
+            );
+            stats.set_gauge(
+                format!("{}{source}", stats::field::OUTBOX_BACKLOG_AT_PREFIX),
+                stats::unix_ms(),
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(settings.backlog_interval) => {}
+        }
+    }
+}
+
+async fn flush_stats(
+    redis: redis::Client,
+    stats: Arc<Stats>,
+    settings: WorkerSettings,
+    cancel: CancellationToken,
+) {
+    let conn = loop {
+        match connect::redis_manager(&redis).await {
+            Ok(c) => break c,
+            Err(_) => {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    stats
+        .run_flusher(conn, settings.stats_key, settings.stats_interval, cancel)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for f in 1..30 {
+            let b = backoff(f);
+            assert!(b <= Duration::from_secs(5), "{b:?}");
+            assert!(b >= Duration::from_millis(100), "{b:?}");
+        }
+    }
+
+    #[test]
+    fn backpressure_limit_leaves_room_for_a_batch() {
+        let config = Config::from_yaml_str(
+            "pipeline: p\nstream: {maxLength: 10000}\nsources: [{name: deals, batchSize: 500}]\n",
+        )
+        .expect("valid");
+        let s = WorkerSettings::from_config(&config, "deals").expect("source");
+        assert_eq!(s.backpressure_limit(), 9500);
+        let e = WorkerSettings::from_config(&config, "nope").expect_err("unknown");
+        assert!(e.to_string().contains("known: deals"), "{e}");
+    }
+
+    #[test]
+    fn group_info_is_read_from_resp2_and_resp3() {
+        use redis::Value::*;
+        let resp2 = Array(vec![Array(vec![
+            BulkString(b"name".to_vec()),
+            BulkString(b"g".to_vec()),
+            BulkString(b"pending".to_vec()),
+            Int(3),
+            BulkString(b"last-delivered-id".to_vec()),
+            BulkString(b"5-0".to_vec()),
+            BulkString(b"lag".to_vec()),
+            Nil,
+        ])]);
+        let g = find_group(&resp2, "g").expect("found");
+        assert_eq!(
+            (g.lag, g.pending, g.last_delivered_id.as_str()),
+            (None, 3, "5-0")
+        );
+        assert!(find_group(&resp2, "other").is_none());
+        let resp3 = Array(vec![Map(vec![
+            (SimpleString("name".into()), BulkString(b"g".to_vec())),
+            (SimpleString("lag".into()), Int(7)),
+        ])]);
+        assert_eq!(find_group(&resp3, "g").and_then(|g| g.lag), Some(7));
+    }
+}

@@ -1,0 +1,523 @@
+//! The WidgetPipeline controller.
+//!
+//! reconcile = read + validate -> render (pure) -> server-side apply of what differs -> prune the
+//! Deployments of removed sources -> probe Redis -> status (patched only when it changed).
+//! Live figures refresh by requeueing every [`Context::refresh`]; the primary watch passes only
+//! generation changes, so the operator's own status writes never trigger a reconcile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use widget_crds::{WidgetPipeline, WidgetPipelineStatus, condition};
+
+use crate::metrics::Metrics;
+use crate::render::{self, LABEL_PIPELINE, SecretVersions};
+use crate::status::{self, Observed, Problems};
+use crate::{Error, FIELD_MANAGER, Result, probe};
+
+/// Default period of the live refresh.
+pub const REFRESH: Duration = Duration::from_secs(15);
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+type Guarded = DeserializeGuard<WidgetPipeline>;
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object (`namespace/name`), for `error_policy` backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    pub refresh: Duration,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance,
+            },
+        );
+        Self {
+            client,
+            recorder,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+            refresh: REFRESH,
+        }
+    }
+
+    async fn event(
+        &self,
+        wp: &impl Resource<DynamicType = ()>,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &wp.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+}
+
+fn key<K: Resource>(obj: &K) -> String {
+    format!(
+        "{}/{}",
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The reconciler the Controller runs: reconcile, then record metrics, backoff state and a
+/// Warning event for a failure.
+pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = match &obj.0 {
+        Ok(wp) => reconcile_pipeline(wp, &ctx).await,
+        Err(invalid) => Err(Error::InvalidObject(invalid.error.clone())),
+    };
+    ctx.metrics
+        .observe(started.elapsed(), result.as_ref().err().map(Error::reason));
+    match &result {
+        Ok(_) => {
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(&key(&*obj));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(object = %key(&*obj), reason = e.reason(), error = %e, "reconcile failed");
+            ctx.event(&*obj, EventType::Warning, e.reason(), e.to_string())
+                .await;
+        }
+    }
+    result
+}
+
+/// Per-object exponential backoff (5 s doubling to 5 min); an invalid object waits for a change.
+pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_permanent() {
+        return Action::await_change();
+    }
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key(&*obj)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    Action::requeue(backoff(failures))
+}
+
+/// Delay after the `failures`-th consecutive failure.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX)
+}
+
+/// Whether every field of `desired` is present with the same value in `live` (lists compare
+/// element by element and must have the same length). Fields the apiserver defaulted or other
+/// managers added are ignored.
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d
+            .iter()
+            .all(|(k, v)| l.get(k).is_some_and(|lv| is_subset(v, lv))),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
+        (d, l) => d == l,
+    }
+}
+
+fn needs_apply<T: Serialize>(desired: &T, live: Option<&T>) -> Result<bool> {
+    let Some(live) = live else { return Ok(true) };
+    let ser = |v: &T| {
+        serde_json::to_value(v).map_err(|e| Error::Serialize {
+            what: "child object",
+            message: e.to_string(),
+        })
+    };
+    Ok(!is_subset(&ser(desired)?, &ser(live)?))
+}
+
+fn owned_by<K: Resource>(obj: &K, wp: &WidgetPipeline) -> bool {
+    let uid = wp.meta().uid.as_deref();
+    obj.meta().owner_references.as_ref().is_some_and(|refs| {
+        refs.iter()
+            .any(|r| Some(r.uid.as_str()) == uid && r.controller == Some(true))
+    })
+}
+
+/// Children of `wp` of one kind: labelled with the pipeline and controlled by it.
+async fn children<K>(api: &Api<K>, wp: &WidgetPipeline) -> Result<Vec<K>>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let lp = ListParams::default().labels(&format!("{LABEL_PIPELINE}={}", wp.name_any()));
+    Ok(api
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|o| owned_by(o, wp))
+        .collect())
+}
+
+/// Applies `desired` when it differs from `live`; returns the object as the server has it.
+async fn apply<K>(
+    api: &Api<K>,
+    desired: &K,
+    live: Option<&K>,
+    ctx: &Context,
+    applied: &mut Vec<String>,
+) -> Result<K>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    if let Some(live) = live.filter(|_| !needs_apply(desired, live).unwrap_or(true)) {
+        return Ok(live.clone());
+    }
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let obj = api.patch(&name, &pp, &Patch::Apply(desired)).await?;
+    ctx.metrics.applies.inc();
+    applied.push(name);
+    Ok(obj)
+}
+
+struct SecretReadings {
+    versions: SecretVersions,
+    redis_url: Option<String>,
+}
+
+/// Reads the referenced Secrets: resource versions for the pod hashes, the Redis URL for the
+/// probe, and a problem for each Secret or key that is missing.
+async fn read_secrets(
+    wp: &WidgetPipeline,
+    api: &Api<Secret>,
+    problems: &mut Problems,
+) -> Result<SecretReadings> {
+    let refs = wp.secret_refs();
+    let names: BTreeSet<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+    let mut found: HashMap<&str, Secret> = HashMap::new();
+    let mut missing = Vec::new();
+    for name in names {
+        match api.get_opt(name).await? {
+            Some(secret) => {
+                found.insert(name, secret);
+            }
+            None => missing.push(name),
+        }
+    }
+    if !missing.is_empty() {
+        problems.push(
+            "SecretNotFound",
+            format!("Secret {} not found", missing.join(", ")),
+        );
+    }
+    let value = |name: &str, key: &str| -> Option<&ByteString> {
+        found
+            .get(name)
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(key))
+    };
+    let mut missing_keys: Vec<String> = refs
+        .iter()
+        .filter(|r| found.contains_key(r.name.as_str()) && value(&r.name, &r.key).is_none())
+        .map(|r| format!("{}/{}", r.name, r.key))
+        .collect();
+    missing_keys.dedup();
+    if !missing_keys.is_empty() {
+        problems.push(
+            "SecretKeyNotFound",
+            format!("Secret key {} not found", missing_keys.join(", ")),
+        );
+    }
+    let redis = &wp.spec.redis.url_secret_ref;
+    let redis_url =
+        value(&redis.name, &redis.key).and_then(|b| String::from_utf8(b.0.clone()).ok());
+    let versions = found
+        .iter()
+        .map(|(name, s)| (name.to_string(), s.resource_version().unwrap_or_default()))
+        .collect();
+    Ok(SecretReadings {
+        versions,
+        redis_url,
+    })
+}
+
+async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action> {
+    if wp.meta().deletion_timestamp.is_some() {
+        // Owner references let the garbage collector delete the children.
+        return Ok(Action::await_change());
+    }
+    let ns = wp
+        .namespace()
+        .ok_or_else(|| Error::InvalidObject("WidgetPipeline has no namespace".into()))?;
+    let client = ctx.client.clone();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let mut problems = Problems::default();
+
+    match render::runtime_config(wp) {
+        Ok(_) => {}
+        Err(e @ Error::InvalidSpec(_)) => {
+            // Report it in status, then wait for the user to change the object.
+            problems.push("InvalidSpec", e.to_string());
+            let live = children(&deployments, wp).await?;
+            write_status(wp, ctx, &problems, &[], &live, None, None).await?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    }
+
+    let secrets = read_secrets(wp, &Api::namespaced(client.clone(), &ns), &mut problems).await?;
+    let rendered = render::render(wp, &secrets.versions)?;
+    let expected: Vec<String> = rendered.deployments.iter().map(|d| d.name_any()).collect();
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let mut live_deployments = children(&deployments, wp).await?;
+
+    if !wp.spec.paused {
+        let live_cms = children(&config_maps, wp).await?;
+        let live_svcs = children(&services, wp).await?;
+        let mut applied = Vec::new();
+        let find =
+            |list: &[ConfigMap], name: &str| list.iter().find(|o| o.name_any() == name).cloned();
+        let live_cm = find(&live_cms, &rendered.config_map.name_any());
+        apply(
+            &config_maps,
+            &rendered.config_map,
+            live_cm.as_ref(),
+            ctx,
+            &mut applied,
+        )
+        .await?;
+        let mut after = Vec::with_capacity(rendered.deployments.len());
+        for desired in &rendered.deployments {
+            let live = live_deployments
+                .iter()
+                .find(|d| d.name_any() == desired.name_any());
+            after.push(apply(&deployments, desired, live, ctx, &mut applied).await?);
+        }
+        let live_svc = live_svcs
+            .iter()
+            .find(|s| s.name_any() == rendered.service.name_any());
+        apply(&services, &rendered.service, live_svc, ctx, &mut applied).await?;
+
+        let mut pruned = Vec::new();
+        for stale in live_deployments
+            .iter()
+            .filter(|d| !expected.contains(&d.name_any()))
+        {
+            let name = stale.name_any();
+            match deployments.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            ctx.metrics.prunes.inc();
+            pruned.push(name);
+        }
+        if !applied.is_empty() {
+            tracing::info!(pipeline = %key(wp), ?applied, "applied");
+            ctx.event(
+                wp,
+                EventType::Normal,
+                "Applied",
+                format!("applied {}", applied.join(", ")),
+            )
+            .await;
+        }
+        if !pruned.is_empty() {
+            tracing::info!(pipeline = %key(wp), ?pruned, "pruned");
+            ctx.event(
+                wp,
+                EventType::Normal,
+                "Pruned",
+                format!("deleted {} (source removed)", pruned.join(", ")),
+            )
+            .await;
+        }
+        live_deployments = after;
+    }
+
+    let live = match &secrets.redis_url {
+        Some(url) => match probe::probe(url, &rendered.config).await {
+            Ok(live) => Some(live),
+            Err(e) => {
+                problems.push(
+                    "RedisUnreachable",
+                    format!("cannot read stats from Redis: {e}"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    write_status(
+        wp,
+        ctx,
+        &problems,
+        &expected,
+        &live_deployments,
+        Some(rendered.config_hash),
+        live,
+    )
+    .await?;
+    Ok(Action::requeue(ctx.refresh))
+}
+
+/// Builds the status and patches it (server-side apply on the status subresource) when it
+/// changed; a newly Degraded pipeline also gets a Warning event.
+async fn write_status(
+    wp: &WidgetPipeline,
+    ctx: &Context,
+    problems: &Problems,
+    expected: &[String],
+    deployments: &[Deployment],
+    config_hash: Option<String>,
+    live: Option<widget_crds::LiveStatus>,
+) -> Result<()> {
+    let now = Timestamp::now();
+    let previous = wp.status.as_ref();
+    let observed = Observed {
+        generation: wp.meta().generation,
+        paused: wp.spec.paused,
+        expected,
+        deployments,
+        problems,
+        config_hash,
+        live,
+        now,
+    };
+    let new: WidgetPipelineStatus = status::build(&observed, previous);
+    if !status::needs_patch(previous, &new, now) {
+        return Ok(());
+    }
+    let api: Api<WidgetPipeline> =
+        Api::namespaced(ctx.client.clone(), &wp.namespace().unwrap_or_default());
+    let body = json!({
+        "apiVersion": WidgetPipeline::api_version(&()),
+        "kind": WidgetPipeline::kind(&()),
+        "status": new,
+    });
+    api.patch_status(
+        &wp.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    ctx.metrics.status_patches.inc();
+    if let Some((reason, message)) = problems.first() {
+        let was = wp
+            .condition(condition::DEGRADED)
+            .is_some_and(|c| c.status == "True" && c.reason == *reason);
+        if !was {
+            ctx.event(wp, EventType::Warning, reason, message.clone())
+                .await;
+        }
+    }
+    Ok(())
+}
+
+/// Pipelines in the Secret's namespace that reference it.
+fn pipelines_for_secret(
+    store: &reflector::Store<Guarded>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<Guarded>> {
+    let (Some(ns), Some(name)) = (secret.namespace(), secret.meta().name.clone()) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|wp| wp.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|wp| wp.secret_refs().iter().any(|r| r.name == name))
+        .map(|wp| ObjectRef::new(&wp.name_any()).within(&ns))
+        .collect()
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `shutdown` completes (then finishes in-flight reconciles).
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    let pipelines: Api<Guarded> = scoped(&client, ns);
+    let (reader, writer) = reflector::store();
+    let primary = watcher(pipelines, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let owned =
+        watcher::Config::default().labels(&format!("{}={FIELD_MANAGER}", render::LABEL_MANAGED_BY));
+    let store = reader.clone();
+    Controller::for_stream(primary, reader)
+        .owns(scoped::<Deployment>(&client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped::<Service>(&client, ns), owned)
+        // Metadata-only: the Secret data is never cached, only names and resource versions.
+        .watches(
+            scoped::<PartialObjectMeta<Secret>>(&client, ns),
+            watcher::Config::default(),
+            move |secret| pipelines_for_secret(&store, &secret),
+        )
+        .with_config(
+            controller::Config::default()
+                .concurrency(8)
+                .debounce(Duration::from_millis(500)),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "controller event"),
+            }
+        })
+        .await;
+}

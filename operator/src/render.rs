@@ -1,0 +1,523 @@
+//! The desired children of a `WidgetPipeline`: a pure function of the resource and the resource
+//! versions of the Secrets it references. No I/O here; everything is unit-tested.
+//!
+//! - ConfigMap `<p>-runtime-config` with `config.yaml`, the runtime's own `Config` serialized.
+//! - Deployment `<p>-outbox-<source>` per source, `<p>-ingester`, `<p>-core-api`.
+//! - Service `<p>-core-api` (port 80 -> 8080 `http`).
+//!
+//! Pod templates carry a hash of the rendered config and of the resource versions of the Secrets
+//! that pod reads, so a config change or a rotated Secret rolls exactly the affected pods.
+//! `spec.replicas` is left out when the pipeline does not set it, so an HPA can own it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+use widget_crds::{SecretKeyRef, WidgetPipeline};
+use widget_runtime::config::{
+    CacheConfig, Config, ReclaimConfig, ScreenConfig, SourceConfig, StreamConfig, human_duration,
+};
+
+use crate::{Error, Result};
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Every child carries it; prune and status select children with it.
+pub const LABEL_PIPELINE: &str = "homewidgets.io/pipeline";
+pub const LABEL_SOURCE: &str = "homewidgets.io/source";
+/// Hash of the rendered runtime config, on pod templates.
+pub const ANNOTATION_CONFIG_HASH: &str = "homewidgets.io/config-hash";
+/// Hash of the resource versions of the Secrets the pod reads, on pod templates.
+pub const ANNOTATION_SECRETS_HASH: &str = "homewidgets.io/secrets-hash";
+/// Hash of the whole rendered object, on every child: unchanged hash and no drift -> no apply.
+pub const ANNOTATION_RENDER_HASH: &str = "homewidgets.io/render-hash";
+
+pub const CONFIG_KEY: &str = "config.yaml";
+pub const CONFIG_DIR: &str = "/etc/widget-runtime";
+pub const ADMIN_PORT: i32 = 9090;
+pub const HTTP_PORT: i32 = 8080;
+pub const RUN_AS: i64 = 65532;
+
+pub const COMPONENT_WORKER: &str = "outbox-worker";
+pub const COMPONENT_INGESTER: &str = "ingester";
+pub const COMPONENT_API: &str = "core-api";
+
+/// Resource versions of the Secrets a pipeline references, by Secret name; a Secret that does
+/// not exist is absent.
+pub type SecretVersions = BTreeMap<String, String>;
+
+/// Everything the operator applies for one pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub config: Config,
+    pub config_hash: String,
+    pub config_map: ConfigMap,
+    pub deployments: Vec<Deployment>,
+    pub service: Service,
+}
+
+pub fn config_map_name(pipeline: &str) -> String {
+    format!("{pipeline}-runtime-config")
+}
+pub fn worker_name(pipeline: &str, source: &str) -> String {
+    format!("{pipeline}-outbox-{source}")
+}
+pub fn ingester_name(pipeline: &str) -> String {
+    format!("{pipeline}-ingester")
+}
+pub fn api_name(pipeline: &str) -> String {
+    format!("{pipeline}-core-api")
+}
+
+/// The runtime's config for this pipeline, validated by the runtime's own rules.
+pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
+    let spec = &wp.spec;
+    let duration = |field: &str, text: &str| {
+        human_duration::parse(text).map_err(|e| Error::InvalidSpec(format!("{field}: {e}")))
+    };
+    let config = Config {
+        pipeline: wp.name_any(),
+        stream: StreamConfig {
+            name: spec.stream.name.clone(),
+            consumer_group: spec.stream.consumer_group.clone(),
+            max_length: spec.stream.max_length,
+        },
+        cache: CacheConfig {
+            key_prefix: spec.cache.key_prefix.clone(),
+            ingest_ttl: duration("cache.ingestTtl", &spec.cache.ingest_ttl)?,
+            fallback_ttl: duration("cache.fallbackTtl", &spec.cache.fallback_ttl)?,
+        },
+        reclaim: ReclaimConfig {
+            min_idle: duration("reclaim.minIdle", &spec.reclaim.min_idle)?,
+            interval: duration("reclaim.interval", &spec.reclaim.interval)?,
+            max_deliveries: spec.reclaim.max_deliveries,
+        },
+        sources: spec
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Ok(SourceConfig {
+                    name: s.name.clone(),
+                    outbox_table: s.outbox_table.clone(),
+                    batch_size: s.batch_size,
+                    poll_interval: duration(
+                        &format!("sources[{i}].pollInterval"),
+                        &s.poll_interval,
+                    )?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        screens: spec
+            .screens
+            .iter()
+            .map(|s| ScreenConfig {
+                name: s.name.clone(),
+                widgets: s.widgets.clone(),
+            })
+            .collect(),
+    };
+    config
+        .validate()
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    Ok(config)
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+/// Hash of the resource versions of `names` (a missing Secret hashes as missing, so its
+/// creation rolls the pods).
+fn secrets_hash(versions: &SecretVersions, refs: &[&SecretKeyRef]) -> String {
+    let mut names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let text: Vec<String> = names
+        .iter()
+        .map(|n| {
+            format!(
+                "{n}={}",
+                versions.get(*n).map_or("<missing>", String::as_str)
+            )
+        })
+        .collect();
+    short_hash(text.join("\n").as_bytes())
+}
+
+/// Hash of a rendered object, stored on it as [`ANNOTATION_RENDER_HASH`].
+pub fn object_hash<T: serde::Serialize>(obj: &T) -> Result<String> {
+    let bytes = serde_json::to_vec(obj).map_err(|e| Error::Serialize {
+        what: "rendered object",
+        message: e.to_string(),
+    })?;
+    Ok(short_hash(&bytes))
+}
+
+fn stamp<T: Resource + serde::Serialize>(mut obj: T) -> Result<T> {
+    let hash = object_hash(&obj)?;
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_RENDER_HASH.into(), hash);
+    Ok(obj)
+}
+
+struct Ctx<'a> {
+    wp: &'a WidgetPipeline,
+    name: String,
+    namespace: String,
+    owner: OwnerReference,
+    config_hash: String,
+}
+
+impl Ctx<'_> {
+    fn selector(&self, component: &str, source: Option<&str>) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            (LABEL_PIPELINE.to_string(), self.name.clone()),
+            (LABEL_COMPONENT.to_string(), component.to_string()),
+        ]);
+        if let Some(source) = source {
+            labels.insert(LABEL_SOURCE.into(), source.into());
+        }
+        labels
+    }
+
+    fn labels(&self, component: &str, source: Option<&str>) -> BTreeMap<String, String> {
+        let mut labels = self.selector(component, source);
+        labels.insert(LABEL_NAME.into(), "widget-runtime".into());
+        labels.insert(LABEL_INSTANCE.into(), self.name.clone());
+        labels.insert(LABEL_MANAGED_BY.into(), crate::FIELD_MANAGER.into());
+        labels
+    }
+
+    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(port.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+struct PodParts {
+    component: &'static str,
+    source: Option<String>,
+    args: Vec<String>,
+    env: Vec<EnvVar>,
+    port_name: &'static str,
+    port: i32,
+    secrets: Vec<SecretKeyRef>,
+    replicas: Option<i32>,
+    resources: Option<ResourceRequirements>,
+}
+
+fn deployment(
+    ctx: &Ctx<'_>,
+    name: String,
+    parts: PodParts,
+    versions: &SecretVersions,
+) -> Result<Deployment> {
+    let source = parts.source.as_deref();
+    let labels = ctx.labels(parts.component, source);
+    let refs: Vec<&SecretKeyRef> = parts.secrets.iter().collect();
+    let annotations = BTreeMap::from([
+        (ANNOTATION_CONFIG_HASH.to_string(), ctx.config_hash.clone()),
+        (
+            ANNOTATION_SECRETS_HASH.to_string(),
+            secrets_hash(versions, &refs),
+        ),
+    ]);
+    let mut args = vec![
+        parts.component.to_string(),
+        "--config".into(),
+        format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+    ];
+    args.extend(parts.args);
+    args.extend(["--log-format".into(), "json".into()]);
+    let container = Container {
+        name: parts.component.into(),
+        image: Some(ctx.wp.spec.image.clone()),
+        command: Some(vec!["widget-runtime".into()]),
+        args: Some(args),
+        env: Some(parts.env),
+        ports: Some(vec![ContainerPort {
+            name: Some(parts.port_name.into()),
+            container_port: parts.port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", parts.port_name, 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", parts.port_name, 5, 2)),
+        resources: parts.resources,
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        termination_grace_period_seconds: Some(30),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_map_name(&ctx.name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ]),
+        ..PodSpec::default()
+    };
+    stamp(Deployment {
+        metadata: ctx.meta(name, labels.clone()),
+        spec: DeploymentSpec {
+            replicas: parts.replicas,
+            revision_history_limit: Some(3),
+            selector: LabelSelector {
+                match_labels: Some(ctx.selector(parts.component, source)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    })
+}
+
+/// Renders every child of `wp`. Fails only for an invalid spec or an object without the
+/// metadata a stored object always has (namespace, uid).
+pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered> {
+    let name = wp.name_any();
+    let namespace = wp
+        .namespace()
+        .ok_or_else(|| Error::InvalidObject("WidgetPipeline has no namespace".into()))?;
+    let owner = wp
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidObject("WidgetPipeline has no uid".into()))?;
+    let config = runtime_config(wp)?;
+    let config_yaml = serde_yaml::to_string(&config).map_err(|e| Error::Serialize {
+        what: "runtime config",
+        message: e.to_string(),
+    })?;
+    let config_hash = short_hash(config_yaml.as_bytes());
+    let ctx = Ctx {
+        wp,
+        name: name.clone(),
+        namespace,
+        owner,
+        config_hash: config_hash.clone(),
+    };
+    let spec = &wp.spec;
+
+    let config_map = stamp(ConfigMap {
+        metadata: ctx.meta(config_map_name(&name), ctx.labels("config", None)),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), config_yaml)])),
+        ..ConfigMap::default()
+    })?;
+
+    let redis = &spec.redis.url_secret_ref;
+    let core_db = &spec.core_database.url_secret_ref;
+    let admin = vec![
+        "--admin-listen".to_string(),
+        format!("0.0.0.0:{ADMIN_PORT}"),
+    ];
+
+    let mut deployments = Vec::with_capacity(spec.sources.len() + 2);
+    for source in &spec.sources {
+        let db = &source.database.url_secret_ref;
+        let mut args = vec!["--source".to_string(), source.name.clone()];
+        args.extend(admin.clone());
+        deployments.push(deployment(
+            &ctx,
+            worker_name(&name, &source.name),
+            PodParts {
+                component: COMPONENT_WORKER,
+                source: Some(source.name.clone()),
+                args,
+                env: vec![
+                    secret_env("REDIS_URL", redis),
+                    secret_env("SOURCE_DATABASE_URL", db),
+                ],
+                port_name: "admin",
+                port: ADMIN_PORT,
+                secrets: vec![redis.clone(), db.clone()],
+                replicas: source.replicas,
+                resources: source.resources.clone(),
+            },
+            secrets,
+        )?);
+    }
+
+    let pod_name = EnvVar {
+        name: "POD_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let mut args = vec!["--consumer".to_string(), "$(POD_NAME)".into()];
+    args.extend(admin);
+    deployments.push(deployment(
+        &ctx,
+        ingester_name(&name),
+        PodParts {
+            component: COMPONENT_INGESTER,
+            source: None,
+            args,
+            // POD_NAME first: `$(POD_NAME)` expands only variables defined before use.
+            env: vec![
+                pod_name,
+                secret_env("REDIS_URL", redis),
+                secret_env("CORE_DATABASE_URL", core_db),
+            ],
+            port_name: "admin",
+            port: ADMIN_PORT,
+            secrets: vec![redis.clone(), core_db.clone()],
+            replicas: spec.ingester.replicas,
+            resources: spec.ingester.resources.clone(),
+        },
+        secrets,
+    )?);
+
+    deployments.push(deployment(
+        &ctx,
+        api_name(&name),
+        PodParts {
+            component: COMPONENT_API,
+            source: None,
+            args: vec!["--listen".into(), format!("0.0.0.0:{HTTP_PORT}")],
+            env: vec![
+                secret_env("REDIS_URL", redis),
+                secret_env("CORE_DATABASE_URL", core_db),
+            ],
+            port_name: "http",
+            port: HTTP_PORT,
+            secrets: vec![redis.clone(), core_db.clone()],
+            replicas: spec.core_api.replicas,
+            resources: spec.core_api.resources.clone(),
+        },
+        secrets,
+    )?);
+
+    let service = stamp(Service {
+        metadata: ctx.meta(api_name(&name), ctx.labels(COMPONENT_API, None)),
+        spec: Some(ServiceSpec {
+            selector: Some(ctx.selector(COMPONENT_API, None)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })?;
+
+    Ok(Rendered {
+        config,
+        config_hash,
+        config_map,
+        deployments,
+        service,
+    })
+}

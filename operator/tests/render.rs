@@ -1,0 +1,432 @@
+//! Rendering is a pure function of the resource: these tests pin the objects a sample pipeline
+//! produces, and prove the ConfigMap is the runtime's own config format.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Container, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
+use widget_crds::WidgetPipeline;
+use widget_operator::Error;
+use widget_operator::render::{self, Rendered, SecretVersions};
+use widget_runtime::config::Config;
+
+const SAMPLE: &str = include_str!("../../manifests/samples/widgetpipeline.yaml");
+
+fn sample() -> WidgetPipeline {
+    let mut wp: WidgetPipeline = serde_yaml::from_str(SAMPLE).expect("sample parses");
+    wp.metadata.uid = Some("6f1c1d1e-0000-4000-8000-000000000001".into());
+    wp.metadata.generation = Some(1);
+    wp
+}
+
+fn versions() -> SecretVersions {
+    BTreeMap::from([
+        ("redis".to_string(), "101".to_string()),
+        ("core-db".to_string(), "102".to_string()),
+        ("deals-db".to_string(), "103".to_string()),
+    ])
+}
+
+fn rendered(wp: &WidgetPipeline) -> Rendered {
+    render::render(wp, &versions()).expect("sample renders")
+}
+
+fn deployment<'a>(r: &'a Rendered, name: &str) -> &'a Deployment {
+    r.deployments
+        .iter()
+        .find(|d| d.name_any() == name)
+        .unwrap_or_else(|| panic!("no Deployment {name}"))
+}
+
+fn container(d: &Deployment) -> &Container {
+    let pod = d.spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.containers.len(), 1);
+    &pod.containers[0]
+}
+
+fn pod_annotation(d: &Deployment, key: &str) -> String {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(key))
+        .cloned()
+        .unwrap_or_else(|| panic!("no pod annotation {key}"))
+}
+
+/// (name, secret name, secret key) of every env var read from a Secret.
+fn secret_env(c: &Container) -> Vec<(String, String, String)> {
+    c.env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let s = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+            Some((e.name.clone(), s.name.clone(), s.key.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn sample_renders_one_worker_per_source_the_ingester_and_the_api() {
+    let r = rendered(&sample());
+    let names: Vec<String> = r.deployments.iter().map(|d| d.name_any()).collect();
+    assert_eq!(
+        names,
+        ["home-outbox-deals", "home-ingester", "home-core-api"]
+    );
+    assert_eq!(r.config_map.name_any(), "home-runtime-config");
+    assert_eq!(r.service.name_any(), "home-core-api");
+    for d in &r.deployments {
+        assert_eq!(d.namespace().as_deref(), Some("widgets"));
+        let owners = d.owner_references();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "WidgetPipeline");
+        assert_eq!(owners[0].name, "home");
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(d.labels()["homewidgets.io/pipeline"], "home");
+        assert_eq!(
+            d.labels()["app.kubernetes.io/managed-by"],
+            "widget-operator"
+        );
+        // Selector labels are a subset of the pod labels (the apiserver requires it).
+        let selector = d.spec.selector.match_labels.as_ref().expect("selector");
+        let pod_labels = d
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .expect("labels");
+        for (k, v) in selector {
+            assert_eq!(pod_labels.get(k), Some(v), "{k}");
+        }
+    }
+    assert_eq!(
+        deployment(&r, "home-outbox-deals").labels()["homewidgets.io/source"],
+        "deals"
+    );
+}
+
+#[test]
+fn config_map_is_the_runtime_config_format() {
+    let r = rendered(&sample());
+    let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
+    let config = Config::from_yaml_str(text).expect("the runtime loads the rendered config");
+    assert_eq!(config, r.config);
+    assert_eq!(config.pipeline, "home");
+    assert_eq!(config.stream_name(), "home.widget-events");
+    assert_eq!(config.stream.consumer_group, "core-ingester");
+    assert_eq!(config.key_prefix(), "hw:home:");
+    assert_eq!(config.cache.ingest_ttl, Duration::from_secs(7 * 86_400));
+    assert_eq!(config.reclaim.min_idle, Duration::from_secs(30));
+    assert_eq!(config.reclaim.max_deliveries, 5);
+    assert_eq!(config.sources.len(), 1);
+    assert_eq!(config.sources[0].poll_interval, Duration::from_millis(250));
+    assert_eq!(
+        config.screens[0].widgets,
+        ["deals.top-picks", "loyalty.points:{user}"]
+    );
+}
+
+#[test]
+fn omitted_fields_render_the_runtime_defaults() {
+    let minimal = r#"
+apiVersion: homewidgets.io/v1alpha1
+kind: WidgetPipeline
+metadata: {name: shop, namespace: widgets, uid: u-1}
+spec:
+  image: widget-runtime:dev
+  redis: {urlSecretRef: {name: redis, key: url}}
+  coreDatabase: {urlSecretRef: {name: core-db, key: url}}
+  sources:
+    - {name: deals, database: {urlSecretRef: {name: deals-db, key: url}}}
+"#;
+    let wp: WidgetPipeline = serde_yaml::from_str(minimal).expect("parses");
+    let r = render::render(&wp, &SecretVersions::new()).expect("renders");
+    let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
+    let runtime_defaults = Config::from_yaml_str("pipeline: shop\nsources: [{name: deals}]\n")
+        .expect("runtime parses");
+    assert_eq!(
+        Config::from_yaml_str(text).expect("loads"),
+        runtime_defaults
+    );
+    // No replicas in the spec: the operator does not own the field (an HPA may).
+    for d in &r.deployments {
+        assert_eq!(d.spec.replicas, None, "{}", d.name_any());
+    }
+}
+
+#[test]
+fn containers_run_the_runtime_cli_with_secret_env_probes_and_a_locked_down_context() {
+    let r = rendered(&sample());
+
+    let worker = deployment(&r, "home-outbox-deals");
+    let c = container(worker);
+    assert_eq!(
+        c.image.as_deref(),
+        Some("ghcr.io/example/widget-runtime:0.1.0")
+    );
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        [
+            "outbox-worker",
+            "--config",
+            "/etc/widget-runtime/config.yaml",
+            "--source",
+            "deals",
+            "--admin-listen",
+            "0.0.0.0:9090",
+            "--log-format",
+            "json"
+        ]
+    );
+    assert_eq!(
+        secret_env(c),
+        [
+            ("REDIS_URL".into(), "redis".into(), "url".into()),
+            (
+                "SOURCE_DATABASE_URL".into(),
+                "deals-db".into(),
+                "url".into()
+            )
+        ]
+    );
+    assert_eq!(worker.spec.replicas, Some(1));
+
+    let ingester = deployment(&r, "home-ingester");
+    let c = container(ingester);
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        [
+            "ingester",
+            "--config",
+            "/etc/widget-runtime/config.yaml",
+            "--consumer",
+            "$(POD_NAME)",
+            "--admin-listen",
+            "0.0.0.0:9090",
+            "--log-format",
+            "json"
+        ]
+    );
+    let env = c.env.clone().unwrap_or_default();
+    assert_eq!(env[0].name, "POD_NAME", "POD_NAME must precede its use");
+    let field = env[0]
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("downward API");
+    assert_eq!(field.field_path, "metadata.name");
+    assert_eq!(
+        secret_env(c),
+        [
+            ("REDIS_URL".into(), "redis".into(), "url".into()),
+            ("CORE_DATABASE_URL".into(), "core-db".into(), "url".into())
+        ]
+    );
+    assert_eq!(ingester.spec.replicas, Some(2));
+
+    let api = deployment(&r, "home-core-api");
+    let c = container(api);
+    assert_eq!(
+        c.args.clone().unwrap_or_default(),
+        [
+            "core-api",
+            "--config",
+            "/etc/widget-runtime/config.yaml",
+            "--listen",
+            "0.0.0.0:8080",
+            "--log-format",
+            "json"
+        ]
+    );
+    assert_eq!(api.spec.replicas, Some(3));
+
+    for d in &r.deployments {
+        let c = container(d);
+        let port = &c.ports.as_ref().expect("ports")[0];
+        let expected = if d.name_any() == "home-core-api" {
+            ("http", 8080)
+        } else {
+            ("admin", 9090)
+        };
+        assert_eq!(
+            (
+                port.name.as_deref().unwrap_or_default(),
+                port.container_port
+            ),
+            expected
+        );
+        let live = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("liveness");
+        let ready = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("readiness");
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        let sc = c.security_context.as_ref().expect("security context");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.run_as_user, Some(65532));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let mounts = c.volume_mounts.clone().unwrap_or_default();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.mount_path == "/etc/widget-runtime" && m.read_only == Some(true))
+        );
+    }
+}
+
+#[test]
+fn service_exposes_the_core_api_on_port_80() {
+    let r = rendered(&sample());
+    let spec = r.service.spec.as_ref().expect("service spec");
+    let port = &spec.ports.as_ref().expect("ports")[0];
+    assert_eq!(port.port, 80);
+    assert_eq!(port.name.as_deref(), Some("http"));
+    assert_eq!(
+        port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()))
+    );
+    let api = deployment(&r, "home-core-api");
+    assert_eq!(
+        spec.selector.as_ref(),
+        api.spec.selector.match_labels.as_ref()
+    );
+}
+
+#[test]
+fn resources_from_the_spec_reach_the_containers() {
+    let mut wp = sample();
+    let resources = ResourceRequirements {
+        requests: Some(BTreeMap::from([(
+            "cpu".to_string(),
+            Quantity("250m".into()),
+        )])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
+    };
+    wp.spec.ingester.resources = Some(resources.clone());
+    let r = rendered(&wp);
+    assert_eq!(
+        container(deployment(&r, "home-ingester"))
+            .resources
+            .as_ref(),
+        Some(&resources)
+    );
+    assert_eq!(container(deployment(&r, "home-core-api")).resources, None);
+}
+
+#[test]
+fn config_and_secret_hashes_roll_exactly_the_affected_pods() {
+    let wp = sample();
+    let before = rendered(&wp);
+
+    // A config change changes every pod template's config hash.
+    let mut changed = wp.clone();
+    changed.spec.reclaim.max_deliveries = 9;
+    let after = rendered(&changed);
+    assert_ne!(before.config_hash, after.config_hash);
+    for (a, b) in before.deployments.iter().zip(&after.deployments) {
+        let key = render::ANNOTATION_CONFIG_HASH;
+        assert_eq!(pod_annotation(a, key), before.config_hash);
+        assert_ne!(pod_annotation(a, key), pod_annotation(b, key));
+    }
+
+    // Rotating the deals database Secret rolls only the deals worker.
+    let mut rotated = versions();
+    rotated.insert("deals-db".into(), "999".into());
+    let after = render::render(&wp, &rotated).expect("renders");
+    let key = render::ANNOTATION_SECRETS_HASH;
+    for (a, b) in before.deployments.iter().zip(&after.deployments) {
+        let changed = pod_annotation(a, key) != pod_annotation(b, key);
+        assert_eq!(
+            changed,
+            a.name_any() == "home-outbox-deals",
+            "{}",
+            a.name_any()
+        );
+    }
+
+    // A Secret that appears later also changes the hash.
+    let mut missing = versions();
+    missing.remove("redis");
+    let without = render::render(&wp, &missing).expect("renders");
+    assert_ne!(
+        pod_annotation(&without.deployments[1], key),
+        pod_annotation(&before.deployments[1], key)
+    );
+
+    // Same input, same output: rendering is deterministic.
+    assert_eq!(rendered(&wp), before);
+}
+
+#[test]
+fn removing_a_source_removes_its_deployment() {
+    let mut wp = sample();
+    let mut loyalty = wp.spec.sources[0].clone();
+    loyalty.name = "loyalty".into();
+    wp.spec.sources.push(loyalty);
+    let two = rendered(&wp);
+    assert!(
+        two.deployments
+            .iter()
+            .any(|d| d.name_any() == "home-outbox-loyalty")
+    );
+    wp.spec.sources.retain(|s| s.name != "loyalty");
+    let one = rendered(&wp);
+    let names: Vec<String> = one.deployments.iter().map(|d| d.name_any()).collect();
+    assert_eq!(
+        names,
+        ["home-outbox-deals", "home-ingester", "home-core-api"]
+    );
+    assert_eq!(one.config.sources.len(), 1);
+}
+
+#[test]
+fn specs_the_runtime_would_refuse_are_invalid() {
+    let mut wp = sample();
+    wp.spec.sources[0].poll_interval = "soon".into();
+    let e = render::render(&wp, &versions()).expect_err("bad duration");
+    assert!(
+        matches!(e, Error::InvalidSpec(ref m) if m.contains("sources[0].pollInterval")),
+        "{e}"
+    );
+
+    let mut wp = sample();
+    let dup = wp.spec.sources[0].clone();
+    wp.spec.sources.push(dup);
+    let e = render::render(&wp, &versions()).expect_err("duplicate source");
+    assert!(
+        matches!(e, Error::InvalidSpec(ref m) if m.contains("duplicate")),
+        "{e}"
+    );
+
+    let mut wp = sample();
+    wp.metadata.uid = None;
+    assert!(matches!(
+        render::render(&wp, &versions()),
+        Err(Error::InvalidObject(_))
+    ));
+}

@@ -1,0 +1,112 @@
+//! A test stack: private Postgres and Redis servers, migrated core and product databases, and a
+//! pipeline config. Each test builds its own; see `testkit` for the servers.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use testkit::{PgServer, RedisServer};
+use widget_runtime::config::Config;
+use widget_runtime::store;
+
+pub struct Stack {
+    pub pg: PgServer,
+    pub redis: RedisServer,
+    pub core_url: String,
+    pub product_url: String,
+    pub config: Config,
+}
+
+/// A config for tests: short intervals, one source `deals` unless `yaml` says otherwise.
+pub fn test_config(yaml: &str) -> Config {
+    Config::from_yaml_str(yaml).expect("test config is valid")
+}
+
+pub const DEFAULT_CONFIG: &str = r#"
+pipeline: test
+stream: {maxLength: 100000}
+reclaim: {minIdle: 300ms, interval: 200ms, maxDeliveries: 3}
+sources:
+  - {name: deals, batchSize: 100, pollInterval: 50ms}
+  - {name: loyalty, batchSize: 100, pollInterval: 50ms}
+screens:
+  - {name: home, widgets: ["deals.top-picks", "loyalty.points:{user}"]}
+"#;
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::with_config(DEFAULT_CONFIG).await
+    }
+
+    pub async fn with_config(yaml: &str) -> Self {
+        let (pg, redis) = tokio::join!(PgServer::start(), RedisServer::start());
+        let pg = pg.expect("postgres starts");
+        let redis = redis.expect("redis starts");
+        let core_url = pg.create_database("core").await.expect("core db");
+        let product_url = pg.create_database("product").await.expect("product db");
+        let core = PgPool::connect(&core_url).await.expect("connect core");
+        store::migrate(&store::CORE_MIGRATIONS, &core)
+            .await
+            .expect("core migrations");
+        core.close().await;
+        let product = PgPool::connect(&product_url)
+            .await
+            .expect("connect product");
+        store::migrate(&store::PRODUCT_MIGRATIONS, &product)
+            .await
+            .expect("product migrations");
+        product.close().await;
+        Stack {
+            pg,
+            redis,
+            core_url,
+            product_url,
+            config: test_config(yaml),
+        }
+    }
+
+    pub fn redis_client(&self) -> redis::Client {
+        redis::Client::open(self.redis.url()).expect("redis url")
+    }
+
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        self.redis.connection().await.expect("redis connection")
+    }
+
+    /// A small pool that fails fast while the server is down.
+    pub async fn pool(&self, url: &str) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect(url)
+            .await
+            .expect("connect")
+    }
+
+    pub fn lazy_pool(&self, url: &str) -> PgPool {
+        widget_runtime::connect::pg_pool(url, 8).expect("pool")
+    }
+}
+
+/// Every entry of a stream as (id, field map).
+pub async fn read_stream(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, std::collections::HashMap<String, redis::Value>)> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .expect("xrange");
+    reply.ids.into_iter().map(|e| (e.id, e.map)).collect()
+}
+
+pub fn field_str(map: &std::collections::HashMap<String, redis::Value>, name: &str) -> String {
+    match map.get(name) {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s.clone(),
+        other => panic!("field {name} missing or odd: {other:?}"),
+    }
+}
