@@ -548,3 +548,140 @@ async fn bad_config_fails_start_up_naming_the_field() {
     let e = run("pipeline: home\nsources: [{name: deals}]\n", "loyalty");
     assert!(e.contains("source `loyalty` is not in the config"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_database_outage_is_waited_out() {
+    let mut stack = Stack::start().await;
+    let stream = stack.config.stream_name();
+    let worker = spawn_worker(&stack, "deals");
+    {
+        let pool = stack.pool(&stack.product_url).await;
+        enqueue(&pool, &[deal(1)]).await;
+        pool.close().await;
+    }
+    wait_for_distinct(&stack, &stream, 1).await;
+
+    stack.pg.stop().await;
+    assert!(
+        eventually(WAIT, || async {
+            worker
+                .readiness
+                .failing()
+                .contains_key("database")
+                .then_some(())
+        })
+        .await
+        .is_some(),
+        "not ready while the product database is down"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !worker.task.is_finished(),
+        "the worker stays up while Postgres is down"
+    );
+
+    stack.pg.start_again().await.expect("postgres restarts");
+    let pool = stack.pool(&stack.product_url).await;
+    enqueue(&pool, &[deal(2), deal(3)]).await;
+    wait_for_distinct(&stack, &stream, 3).await;
+    assert!(
+        eventually(WAIT, || async { worker.readiness.is_ready().then_some(()) })
+            .await
+            .is_some()
+    );
+    worker.stop().await;
+}
+
+/// A minimal HTTP/1.1 GET, so the test needs no HTTP client crate.
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split(' ').nth(1)?.parse().ok()?;
+    Some((status, buf))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
+    let stack = Stack::start().await;
+    let pool = stack.pool(&stack.product_url).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, stack.config.to_yaml()).expect("write config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+        .args([
+            "--log-format",
+            "json",
+            "outbox-worker",
+            "--source",
+            "deals",
+            "--admin-listen",
+            &admin,
+            "--config",
+        ])
+        .arg(&config_path)
+        .env("REDIS_URL", stack.redis.url())
+        .env("SOURCE_DATABASE_URL", &stack.product_url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn widget-runtime");
+
+    let ready = eventually(WAIT, || async {
+        http_get(&admin, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "/readyz turns 200 once Redis and Postgres answer"
+    );
+    assert_eq!(http_get(&admin, "/healthz").await.map(|r| r.0), Some(200));
+    enqueue(&pool, &[deal(1), deal(2)]).await;
+    wait_for_distinct(&stack, &stack.config.stream_name(), 2).await;
+    let (status, body) = http_get(&admin, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(r#"widget_outbox_published_total{source="deals"} 2"#),
+        "{body}"
+    );
+    assert!(
+        body.contains("widget_outbox_backlog{source=\"deals\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("widget_outbox_batch_duration_seconds_bucket"),
+        "{body}"
+    );
+
+    let pid = child.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("exits")
+        .expect("output");
+    assert!(out.status.success(), "graceful exit: {:?}", out.status);
+    let logs = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        logs.lines()
+            .any(|l| l.starts_with('{') && l.contains("outbox-worker stopped")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(&stack.product_url),
+        "secrets are never logged"
+    );
+}
