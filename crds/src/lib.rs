@@ -56,7 +56,7 @@ const DURATION_PATTERN: &str = "^([0-9]+(ns|us|ms|s|m|h|d))+$";
     validation = Rule::new("size(self.metadata.name) <= 40 && self.metadata.name.matches('^[a-z]([a-z0-9-]*[a-z0-9])?$')")
         .message("metadata.name must be 1-40 characters of a-z, 0-9 and '-', starting with a letter"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Sources", type_ = "string", json_path = ".spec.sources[*].name"),
+    printcolumn(name = "Sources", type_ = "integer", json_path = ".status.sources"),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.live.lag"),
     printcolumn(name = "Pending", type_ = "integer", json_path = ".status.live.pending"),
     printcolumn(name = "Reclaimed", type_ = "integer", json_path = ".status.live.reclaimed"),
@@ -264,6 +264,9 @@ pub struct WidgetPipelineStatus {
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// Number of product sources (one outbox-worker each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<i32>,
     /// One entry per Deployment the operator runs.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]

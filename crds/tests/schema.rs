@@ -56,10 +56,10 @@ fn as_json_schema(schema: &Value) -> Value {
                 };
                 out.insert(k.clone(), v);
             }
-            if out.get("nullable") == Some(&Value::Bool(true)) {
-                if let Some(Value::String(t)) = out.get("type").cloned() {
-                    out.insert("type".into(), json!([t, "null"]));
-                }
+            if let (Some(Value::Bool(true)), Some(Value::String(t))) =
+                (out.get("nullable"), out.get("type").cloned())
+            {
+                out.insert("type".into(), json!([t, "null"]));
             }
             Value::Object(out)
         }
@@ -240,4 +240,55 @@ fn crd_has_the_printer_columns_short_name_and_status_subresource() {
         &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
     assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+}
+
+/// Every CEL rule location in `schema`, with the rules found there.
+fn rule_sites(schema: &Value, out: &mut Vec<(Value, Vec<String>)>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Array(rules)) = map.get("x-kubernetes-validations") {
+                let rules = rules
+                    .iter()
+                    .filter_map(|r| r["rule"].as_str().map(str::to_string))
+                    .collect();
+                out.push((schema.clone(), rules));
+            }
+            map.values().for_each(|v| rule_sites(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| rule_sites(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn cel_rules_compile_and_stay_within_the_apiserver_cost_budget() {
+    use kube::core::cel::{compile_schema, estimate_rule_cost};
+    let mut sites = Vec::new();
+    rule_sites(&committed_schema(), &mut sites);
+    // The root rule on metadata.name and the two uniqueness rules.
+    assert_eq!(sites.len(), 3, "{sites:?}");
+    for (schema, rules) in &sites {
+        let compiled = compile_schema(schema);
+        assert!(
+            !compiled.has_errors(),
+            "{:?}",
+            compiled.compilation_errors()
+        );
+        for rule in rules {
+            let warnings = estimate_rule_cost(rule, &compiled);
+            assert!(warnings.is_empty(), "{rule}: {warnings:?}");
+        }
+    }
+    // The bound is what keeps the quadratic uniqueness rule affordable: without maxItems the
+    // same estimate warns.
+    let (sources, rules) = sites
+        .iter()
+        .find(|(s, _)| s["items"]["properties"]["outboxTable"].is_object())
+        .expect("the sources list carries a rule");
+    let mut unbounded = sources.clone();
+    unbounded
+        .as_object_mut()
+        .expect("object")
+        .remove("maxItems");
+    assert!(!estimate_rule_cost(&rules[0], &compile_schema(&unbounded)).is_empty());
 }

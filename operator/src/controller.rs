@@ -293,7 +293,7 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
             // Report it in status, then wait for the user to change the object.
             problems.push("InvalidSpec", e.to_string());
             let live = children(&deployments, wp).await?;
-            write_status(wp, ctx, &problems, &[], &live, None, None).await?;
+            write_status(wp, ctx, &problems, &[], &live, None, None, false).await?;
             return Err(e);
         }
         Err(e) => return Err(e),
@@ -392,13 +392,16 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
         &live_deployments,
         Some(rendered.config_hash),
         live,
+        true,
     )
     .await?;
     Ok(Action::requeue(ctx.refresh))
 }
 
 /// Builds the status and patches it (server-side apply on the status subresource) when it
-/// changed; a newly Degraded pipeline also gets a Warning event.
+/// changed; with `warn`, a newly Degraded pipeline also gets a Warning event (a failing
+/// reconcile gets its Warning event from [`reconcile`]).
+#[allow(clippy::too_many_arguments)]
 async fn write_status(
     wp: &WidgetPipeline,
     ctx: &Context,
@@ -407,12 +410,14 @@ async fn write_status(
     deployments: &[Deployment],
     config_hash: Option<String>,
     live: Option<widget_crds::LiveStatus>,
+    warn: bool,
 ) -> Result<()> {
     let now = Timestamp::now();
     let previous = wp.status.as_ref();
     let observed = Observed {
         generation: wp.meta().generation,
         paused: wp.spec.paused,
+        sources: i32::try_from(wp.spec.sources.len()).unwrap_or(i32::MAX),
         expected,
         deployments,
         problems,
@@ -438,7 +443,7 @@ async fn write_status(
     )
     .await?;
     ctx.metrics.status_patches.inc();
-    if let Some((reason, message)) = problems.first() {
+    if let Some((reason, message)) = problems.first().filter(|_| warn) {
         let was = wp
             .condition(condition::DEGRADED)
             .is_some_and(|c| c.status == "True" && c.reason == *reason);
@@ -520,4 +525,62 @@ pub async fn run(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event as WatchEvent;
+
+    use super::*;
+
+    fn pipeline(ns: &str, name: &str, db_secret: &str) -> Guarded {
+        let yaml = format!(
+            "apiVersion: homewidgets.io/v1alpha1\nkind: WidgetPipeline\n\
+             metadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  image: x\n  redis: {{urlSecretRef: {{name: redis, key: url}}}}\n  \
+             coreDatabase: {{urlSecretRef: {{name: core-db, key: url}}}}\n  \
+             sources: [{{name: deals, database: {{urlSecretRef: {{name: {db_secret}, key: url}}}}}}]\n"
+        );
+        serde_yaml::from_str(&yaml).expect("pipeline")
+    }
+
+    fn secret(ns: &str, name: &str) -> PartialObjectMeta<Secret> {
+        let mut meta = PartialObjectMeta::<Secret>::default();
+        meta.metadata.name = Some(name.into());
+        meta.metadata.namespace = Some(ns.into());
+        meta
+    }
+
+    #[test]
+    fn a_secret_maps_to_the_pipelines_of_its_namespace_that_reference_it() {
+        let mut writer: Writer<Guarded> = Writer::default();
+        for wp in [
+            pipeline("a", "home", "deals-db"),
+            pipeline("a", "shop", "shop-db"),
+            pipeline("b", "home", "deals-db"),
+        ] {
+            writer.apply_watcher_event(&WatchEvent::Apply(wp));
+        }
+        let store = writer.as_reader();
+        let mut refs: Vec<String> = pipelines_for_secret(&store, &secret("a", "deals-db"))
+            .iter()
+            .map(|r| format!("{}/{}", r.namespace.clone().unwrap_or_default(), r.name))
+            .collect();
+        assert_eq!(refs, ["a/home"]);
+        refs = pipelines_for_secret(&store, &secret("a", "redis"))
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        refs.sort();
+        assert_eq!(refs, ["home", "shop"]);
+        assert!(pipelines_for_secret(&store, &secret("a", "unrelated")).is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
 }

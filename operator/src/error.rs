@@ -25,6 +25,7 @@ impl Error {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 403 => "Forbidden",
             Error::Kube(kube::Error::Api(_)) => "ApiError",
+            Error::Kube(kube::Error::SerdeError(_)) => "DecodeFailed",
             Error::Kube(_) => "ApiUnreachable",
             Error::Serialize { .. } => "SerializeFailed",
         }

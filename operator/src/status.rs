@@ -34,6 +34,8 @@ impl Problems {
 pub struct Observed<'a> {
     pub generation: Option<i64>,
     pub paused: bool,
+    /// Number of sources in the spec.
+    pub sources: i32,
     /// Deployments the pipeline should have (names), in render order.
     pub expected: &'a [String],
     /// The live Deployments of the pipeline.
@@ -197,6 +199,7 @@ pub fn build(o: &Observed<'_>, previous: Option<&WidgetPipelineStatus>) -> Widge
     };
     WidgetPipelineStatus {
         observed_generation: o.generation,
+        sources: Some(o.sources),
         conditions,
         components,
         config_hash: o.config_hash.clone(),
@@ -227,5 +230,165 @@ pub fn needs_patch(
         }
         (None, Some(_)) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::jiff::SignedDuration;
+
+    use super::*;
+
+    fn deployment(name: &str, desired: i32, ready: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                generation: Some(2),
+                ..ObjectMeta::default()
+            },
+            spec: DeploymentSpec {
+                replicas: Some(desired),
+                ..DeploymentSpec::default()
+            },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(desired),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(desired),
+                ..DeploymentStatus::default()
+            }),
+        }
+    }
+
+    fn observe<'a>(
+        expected: &'a [String],
+        deployments: &'a [Deployment],
+        problems: &'a Problems,
+        now: Timestamp,
+    ) -> Observed<'a> {
+        Observed {
+            generation: Some(3),
+            paused: false,
+            sources: 1,
+            expected,
+            deployments,
+            problems,
+            config_hash: Some("abc".into()),
+            live: Some(LiveStatus::default()),
+            now,
+        }
+    }
+
+    fn get<'a>(s: &'a WidgetPipelineStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition")
+    }
+
+    #[test]
+    fn ready_when_every_deployment_is_rolled_out_and_nothing_is_wrong() {
+        let expected = vec!["a".to_string(), "b".to_string()];
+        let deps = vec![deployment("a", 2, 2), deployment("b", 1, 1)];
+        let problems = Problems::default();
+        let s = build(
+            &observe(&expected, &deps, &problems, Timestamp::now()),
+            None,
+        );
+        assert_eq!(get(&s, condition::READY).status, "True");
+        assert_eq!(get(&s, condition::PROGRESSING).status, "False");
+        assert_eq!(get(&s, condition::DEGRADED).status, "False");
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
+        assert_eq!(s.components[0].ready_replicas, 2);
+
+        let deps = vec![deployment("a", 2, 1), deployment("b", 1, 1)];
+        let s = build(
+            &observe(&expected, &deps, &problems, Timestamp::now()),
+            None,
+        );
+        assert_eq!(get(&s, condition::READY).reason, "RollingOut");
+        assert_eq!(get(&s, condition::PROGRESSING).status, "True");
+        assert!(
+            get(&s, condition::PROGRESSING)
+                .message
+                .contains("a 1/2 ready")
+        );
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let expected = vec!["a".to_string()];
+        let healthy = vec![deployment("a", 1, 1)];
+        let t0 = Timestamp::now();
+        let problems = Problems::default();
+        let first = build(&observe(&expected, &healthy, &problems, t0), None);
+        let t1 = t0 + SignedDuration::from_secs(60);
+        let again = build(&observe(&expected, &healthy, &problems, t1), Some(&first));
+        assert_eq!(get(&again, condition::READY).last_transition_time, Time(t0));
+        let mut broken = Problems::default();
+        broken.push("RedisUnreachable", "connection refused");
+        let flipped = build(&observe(&expected, &healthy, &broken, t1), Some(&again));
+        let ready = get(&flipped, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "RedisUnreachable")
+        );
+        assert_eq!(ready.last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn a_failed_probe_keeps_the_last_figures_and_their_time() {
+        let expected = vec!["a".to_string()];
+        let deps = vec![deployment("a", 1, 1)];
+        let t0 = Timestamp::now();
+        let problems = Problems::default();
+        let mut o = observe(&expected, &deps, &problems, t0);
+        o.live = Some(LiveStatus {
+            stream_length: 9,
+            ..LiveStatus::default()
+        });
+        let first = build(&o, None);
+        let mut later = observe(
+            &expected,
+            &deps,
+            &problems,
+            t0 + SignedDuration::from_secs(30),
+        );
+        later.live = None;
+        let second = build(&later, Some(&first));
+        assert_eq!(second.live.as_ref().map(|l| l.stream_length), Some(9));
+        assert_eq!(second.last_probe_time, Some(Time(t0)));
+    }
+
+    #[test]
+    fn only_real_changes_or_the_heartbeat_cause_a_patch() {
+        let expected = vec!["a".to_string()];
+        let deps = vec![deployment("a", 1, 1)];
+        let problems = Problems::default();
+        let t0 = Timestamp::now();
+        let old = build(&observe(&expected, &deps, &problems, t0), None);
+        assert!(needs_patch(None, &old, t0));
+        let t1 = t0 + SignedDuration::from_secs(15);
+        let same = build(&observe(&expected, &deps, &problems, t1), Some(&old));
+        assert!(
+            !needs_patch(Some(&old), &same, t1),
+            "only the probe time moved"
+        );
+        let t2 = t0 + SignedDuration::from_secs(301);
+        let stale = build(&observe(&expected, &deps, &problems, t2), Some(&old));
+        assert!(needs_patch(Some(&old), &stale, t2), "heartbeat");
+        let mut o = observe(&expected, &deps, &problems, t1);
+        o.live = Some(LiveStatus {
+            pending: 1,
+            ..LiveStatus::default()
+        });
+        let changed = build(&o, Some(&old));
+        assert!(needs_patch(Some(&old), &changed, t1));
     }
 }
