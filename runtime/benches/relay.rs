@@ -28,7 +28,12 @@ fn payload(n: usize) -> WidgetEvent {
     let items: Vec<_> = (0..8)
         .map(|i| json!({"id": n * 10 + i, "title": format!("Item {i} of widget {n}"), "price": "19.99", "image": format!("https://cdn.example.com/img/{n}/{i}.webp")}))
         .collect();
-    WidgetEvent::upsert(format!("deals.w-{}", n % 1000), "carousel", n as i64 + 1, json!({"items": items}))
+    WidgetEvent::upsert(
+        format!("deals.w-{}", n % 1000),
+        "carousel",
+        n as i64 + 1,
+        json!({"items": items}),
+    )
 }
 
 async fn fill_outbox(pool: &PgPool, events: &[WidgetEvent]) -> Duration {
@@ -106,7 +111,10 @@ fn row(name: &str, events: usize, took: Duration, baseline: Option<Duration>) {
     let vs = baseline
         .map(|b| format!("{:>6.2}x", took.as_secs_f64() / b.as_secs_f64()))
         .unwrap_or_else(|| "      -".into());
-    println!("| {name:<44} | {events:>8} | {:>9.1} | {rate:>12.0} | {vs} |", took.as_secs_f64() * 1000.0);
+    println!(
+        "| {name:<44} | {events:>8} | {:>9.1} | {rate:>12.0} | {vs} |",
+        took.as_secs_f64() * 1000.0
+    );
 }
 
 #[tokio::main]
@@ -118,8 +126,14 @@ async fn main() {
     let (pg, redis) = tokio::join!(PgServer::start(), RedisServer::start());
     let (pg, redis) = (pg.expect("postgres"), redis.expect("redis"));
     let url = pg.create_database("product").await.expect("db");
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await.expect("pool");
-    store::migrate(&store::PRODUCT_MIGRATIONS, &pool).await.expect("migrate");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await
+        .expect("pool");
+    store::migrate(&store::PRODUCT_MIGRATIONS, &pool)
+        .await
+        .expect("migrate");
     let config = Config::from_yaml_str(&format!(
         "pipeline: bench\nstream: {{maxLength: 10000000}}\nsources: [{{name: deals, batchSize: {BATCH}, pollInterval: 250ms}}]\n"
     ))
@@ -132,10 +146,27 @@ async fn main() {
     fill_outbox(&pool, &data).await;
     let two = relay(&config, &redis, &pool, 2).await;
 
-    println!("\nOutbox relay, {events} events of ~1 KB, batches of {BATCH} (Postgres and Redis on this machine)\n");
-    println!("| {:<44} | {:>8} | {:>9} | {:>12} | {:>7} |", "what", "events", "ms", "events/s", "vs XADD");
-    println!("|{}|{}|{}|{}|{}|", "-".repeat(46), "-".repeat(10), "-".repeat(11), "-".repeat(14), "-".repeat(9));
-    row("baseline: raw batched INSERT into the outbox", events, insert, None);
+    println!(
+        "\nOutbox relay, {events} events of ~1 KB, batches of {BATCH} (Postgres and Redis on this machine)\n"
+    );
+    println!(
+        "| {:<44} | {:>8} | {:>9} | {:>12} | {:>7} |",
+        "what", "events", "ms", "events/s", "vs XADD"
+    );
+    println!(
+        "|{}|{}|{}|{}|{}|",
+        "-".repeat(46),
+        "-".repeat(10),
+        "-".repeat(11),
+        "-".repeat(14),
+        "-".repeat(9)
+    );
+    row(
+        "baseline: raw batched INSERT into the outbox",
+        events,
+        insert,
+        None,
+    );
     row("baseline: raw pipelined XADD", events, xadd, Some(xadd));
     row("outbox-worker relay, 1 worker", events, one, Some(xadd));
     row("outbox-worker relay, 2 workers", events, two, Some(xadd));

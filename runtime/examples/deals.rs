@@ -38,7 +38,11 @@ struct AppError(StatusCode, String);
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": {"code": self.0.as_u16(), "message": self.1}}))).into_response()
+        (
+            self.0,
+            Json(json!({"error": {"code": self.0.as_u16(), "message": self.1}})),
+        )
+            .into_response()
     }
 }
 
@@ -54,8 +58,15 @@ impl From<widget_runtime::outbox::OutboxError> for AppError {
     }
 }
 
-async fn create_deal(State(pool): State<PgPool>, Json(d): Json<NewDeal>) -> Result<Response, AppError> {
-    if d.title.trim().is_empty() || d.title.len() > 200 || d.price_cents < 0 || !(0..=100).contains(&d.discount_percent) {
+async fn create_deal(
+    State(pool): State<PgPool>,
+    Json(d): Json<NewDeal>,
+) -> Result<Response, AppError> {
+    if d.title.trim().is_empty()
+        || d.title.len() > 200
+        || d.price_cents < 0
+        || !(0..=100).contains(&d.discount_percent)
+    {
         return Err(AppError(
             StatusCode::BAD_REQUEST,
             "title must be 1-200 characters, priceCents >= 0, discountPercent 0-100".into(),
@@ -75,7 +86,10 @@ async fn create_deal(State(pool): State<PgPool>, Json(d): Json<NewDeal>) -> Resu
     Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
 }
 
-async fn delete_deal(State(pool): State<PgPool>, Path(id): Path<i64>) -> Result<StatusCode, AppError> {
+async fn delete_deal(
+    State(pool): State<PgPool>,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, AppError> {
     let mut tx = pool.begin().await?;
     let deleted = sqlx::query("DELETE FROM deals WHERE id = $1")
         .bind(id)
@@ -102,7 +116,10 @@ async fn list_deals(State(pool): State<PgPool>) -> Result<Json<serde_json::Value
 }
 
 /// Takes the widget's version row lock and returns the next version.
-async fn next_version(tx: &mut Transaction<'_, Postgres>, widget_key: &str) -> Result<i64, sqlx::Error> {
+async fn next_version(
+    tx: &mut Transaction<'_, Postgres>,
+    widget_key: &str,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "INSERT INTO deal_widget_versions (widget_key, version) VALUES ($1, 1)
          ON CONFLICT (widget_key) DO UPDATE SET version = deal_widget_versions.version + 1
@@ -174,7 +191,8 @@ async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     widget_runtime::telemetry::init(widget_runtime::telemetry::LogFormat::Text);
-    let url = std::env::var("DATABASE_URL").map_err(|_| anyhow::anyhow!("set DATABASE_URL to the product database"))?;
+    let url = std::env::var("DATABASE_URL")
+        .map_err(|_| anyhow::anyhow!("set DATABASE_URL to the product database"))?;
     let listen: SocketAddr = std::env::var("DEALS_LISTEN")
         .unwrap_or_else(|_| "127.0.0.1:3001".into())
         .parse()?;

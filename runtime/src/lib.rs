@@ -2,10 +2,13 @@
 //! and the three components (outbox-worker, ingester, core-api) of the `widget-runtime` binary.
 
 pub mod admin;
+pub mod api;
 pub mod cache;
 pub mod config;
 pub mod connect;
+pub mod dev;
 pub mod event;
+pub mod ingest;
 pub mod outbox;
 pub mod shutdown;
 pub mod stats;

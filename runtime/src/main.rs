@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use widget_runtime::admin::{self, AdminState, Readiness};
 use widget_runtime::config::Config;
 use widget_runtime::telemetry::{self, LogFormat};
-use widget_runtime::{connect, outbox, shutdown, store};
+use widget_runtime::{connect, ingest, outbox, shutdown, store};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,8 @@ enum Command {
     },
     /// Relay one product source's outbox rows to the pipeline's Redis Stream.
     OutboxWorker(OutboxWorkerArgs),
+    /// Consume the pipeline's stream into the core database and the hot cache.
+    Ingester(IngesterArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +80,22 @@ struct OutboxWorkerArgs {
     redis_url: String,
     #[arg(long, env = "SOURCE_DATABASE_URL", hide_env_values = true)]
     source_database_url: String,
+}
+
+#[derive(Args)]
+struct IngesterArgs {
+    #[command(flatten)]
+    common: ComponentArgs,
+    /// Consumer name in the group; defaults to the host name (the pod name in Kubernetes).
+    #[arg(long, env = "CONSUMER_NAME")]
+    consumer: Option<String>,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: String,
+    #[arg(long, env = "CORE_DATABASE_URL", hide_env_values = true)]
+    core_database_url: String,
+    /// Do not run the core migrations at start (they are idempotent and safe to run).
+    #[arg(long)]
+    skip_migrations: bool,
 }
 
 /// Serves /healthz, /readyz and /metrics beside a component until `cancel` fires.
@@ -141,6 +159,41 @@ async fn main() -> anyhow::Result<()> {
             );
             let admin = spawn_admin(listener, registry, readiness, cancel.clone());
             worker.run(cancel.clone()).await?;
+            cancel.cancel();
+            admin.await??;
+        }
+        Command::Ingester(args) => {
+            let config = load_config(&args.common.config)?;
+            let redis = connect::redis_client(&args.redis_url).context("invalid REDIS_URL")?;
+            let pool = connect::pg_pool(&args.core_database_url, 8)
+                .context("invalid CORE_DATABASE_URL")?;
+            let consumer = match args.consumer {
+                Some(name) if !name.trim().is_empty() => name,
+                _ => gethostname::gethostname().to_string_lossy().into_owned(),
+            };
+            let listener = tokio::net::TcpListener::bind(args.common.admin_listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.common.admin_listen))?;
+            let cancel = shutdown::on_signal();
+            let mut registry = Registry::default();
+            let readiness = Readiness::default();
+            let ingester = ingest::Ingester::new(
+                &config,
+                consumer,
+                redis,
+                pool.clone(),
+                &mut registry,
+                readiness.clone(),
+            );
+            // The admin server answers (not ready) while migrations wait for the database.
+            let admin = spawn_admin(listener, registry, readiness, cancel.clone());
+            let migrated = args.skip_migrations
+                || ingest::migrate_core(&pool, &cancel)
+                    .await
+                    .context("core migrations failed")?;
+            if migrated {
+                ingester.run(cancel.clone()).await?;
+            }
             cancel.cancel();
             admin.await??;
         }

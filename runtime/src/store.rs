@@ -76,7 +76,11 @@ pub async fn apply_batch(pool: &PgPool, changes: &[Change]) -> Result<Vec<Applie
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for c in newest.values() {
+    // Rows are upserted in key order, so two concurrent batches that share keys lock them in the
+    // same order and cannot deadlock each other (ingester replicas on overlapping batches).
+    let mut ordered: Vec<&Change> = newest.into_values().collect();
+    ordered.sort_unstable_by(|a, b| a.widget_key.cmp(&b.widget_key));
+    for c in ordered {
         keys.push(c.widget_key.as_str());
         types.push(c.widget_type.as_str());
         sources.push(c.source.as_str());

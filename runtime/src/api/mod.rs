@@ -1,0 +1,417 @@
+//! The core API: serves whole screens of pre-computed widgets from the Redis hot cache in one
+//! round trip, falls back to Postgres for misses, and degrades instead of failing.
+//!
+//! ```text
+//! GET /v1/screens/{screen}[?user=ID]   the screen's configured widgets, in order
+//! GET /v1/widgets?keys=k1,k2,...       an explicit list (at most 100 keys)
+//! GET /healthz /readyz /metrics        on the same port
+//! ```
+//!
+//! Both answer `{"widgets":[...],"missing":[...]}` (`"screen"` too for screens), with a weak
+//! `ETag` (304 on `If-None-Match`) and `x-widget-source: cache|database|mixed`. See
+//! `docs/api.md`.
+
+pub mod breaker;
+pub mod error;
+pub mod fetch;
+pub mod metrics;
+pub mod response;
+pub mod screens;
+pub mod widgets;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState, Readiness};
+use crate::cache::{Cache, CacheWrite};
+use crate::config::{Config, ScreenConfig, USER_PLACEHOLDER};
+use crate::connect;
+use crate::stats::{self, Stats};
+
+pub use breaker::{Breaker, State as CircuitState};
+pub use error::ApiError;
+pub use response::SOURCE_HEADER;
+
+/// Most keys one `/v1/widgets` request may ask for.
+pub const MAX_KEYS: usize = 100;
+
+/// The readiness check of the API: passing while at least one store answers.
+pub const READY_CHECK: &str = "core-api";
+
+/// Everything the API needs from the pipeline config, plus its timeouts.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub screens: Vec<ScreenConfig>,
+    pub key_prefix: String,
+    pub stats_key: String,
+    /// TTL of back-filled cache entries (`cache.fallbackTtl`).
+    pub fallback_ttl: Duration,
+    /// A request waits at most this long for Redis before using Postgres (well below the
+    /// connection's own 2 s response timeout).
+    pub redis_timeout: Duration,
+    /// A request waits at most this long for Postgres (pool acquire included).
+    pub database_timeout: Duration,
+    /// Failed calls in a row that open a store's circuit.
+    pub failure_threshold: u32,
+    /// How often an open circuit's store is probed.
+    pub probe_interval: Duration,
+    pub stats_interval: Duration,
+}
+
+impl ApiSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            screens: config.screens.clone(),
+            key_prefix: config.key_prefix(),
+            stats_key: config.stats_key(),
+            fallback_ttl: config.cache.fallback_ttl,
+            redis_timeout: Duration::from_millis(250),
+            database_timeout: Duration::from_secs(1),
+            failure_threshold: 3,
+            probe_interval: Duration::from_millis(500),
+            stats_interval: stats::FLUSH_INTERVAL,
+        }
+    }
+}
+
+/// A screen's keys, prepared once: those with `{user}` are filled per request.
+#[derive(Debug, Clone)]
+pub struct ScreenKeys {
+    pub keys: Vec<String>,
+    pub needs_user: bool,
+}
+
+/// State shared by every request.
+pub struct Shared {
+    pub settings: ApiSettings,
+    screens: HashMap<String, ScreenKeys>,
+    cache: Cache,
+    redis: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    pool: PgPool,
+    pub redis_breaker: Breaker,
+    pub db_breaker: Breaker,
+    pub flights: fetch::Flights,
+    pub metrics: metrics::ApiMetrics,
+    stats: Arc<Stats>,
+    readiness: Readiness,
+}
+
+impl Shared {
+    /// The shared Redis connection, opened on first use (so the API starts while Redis is down).
+    async fn redis_conn(&self) -> redis::RedisResult<ConnectionManager> {
+        self.conn
+            .get_or_try_init(|| connect::redis_manager(&self.redis))
+            .await
+            .cloned()
+    }
+
+    /// Runs one Redis call under the request timeout and feeds the outcome to the breaker.
+    async fn redis_call<T, F, Fut>(&self, call: F) -> Result<T, String>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let attempt = async {
+            let conn = self.redis_conn().await?;
+            call(conn).await
+        };
+        let error = match tokio::time::timeout(self.settings.redis_timeout, attempt).await {
+            Ok(Ok(v)) => {
+                self.redis_breaker.record_success();
+                return Ok(v);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.settings.redis_timeout),
+        };
+        self.metrics.store_error("redis");
+        self.redis_breaker.record_failure(&error);
+        Err(error)
+    }
+
+    async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, String> {
+        let cache = &self.cache;
+        self.redis_call(|mut c| async move { cache.get_many(&mut c, keys).await })
+            .await
+    }
+
+    async fn write_cache(&self, writes: &[CacheWrite<'_>]) -> Result<Vec<bool>, String> {
+        let cache = &self.cache;
+        self.redis_call(|mut c| async move { cache.write_many(&mut c, writes).await })
+            .await
+    }
+
+    async fn ping_redis(&self) -> Result<(), String> {
+        let attempt = async {
+            let mut conn = self.redis_conn().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(self.settings.redis_timeout * 4, attempt).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("PING timed out".into()),
+        }
+    }
+
+    async fn ping_database(&self) -> Result<(), String> {
+        let attempt = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
+        match tokio::time::timeout(self.settings.database_timeout * 2, attempt).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("SELECT 1 timed out".into()),
+        }
+    }
+
+    fn update_readiness(&self) {
+        match (self.redis_breaker.allows(), self.db_breaker.allows()) {
+            (false, false) => self
+                .readiness
+                .fail(READY_CHECK, "neither Redis nor Postgres answers"),
+            _ => self.readiness.pass(READY_CHECK),
+        }
+    }
+
+    /// The screen's keys for this request, `{user}` filled in.
+    pub fn screen_keys(&self, screen: &str) -> Option<&ScreenKeys> {
+        self.screens.get(screen)
+    }
+}
+
+/// The API's request state (cheap to clone).
+#[derive(Clone)]
+pub struct ApiState(pub Arc<Shared>);
+
+impl ApiState {
+    pub fn new(
+        settings: ApiSettings,
+        redis: redis::Client,
+        pool: PgPool,
+        registry: &mut Registry,
+        readiness: Readiness,
+    ) -> Self {
+        let metrics = metrics::ApiMetrics::register(registry);
+        let screens = settings
+            .screens
+            .iter()
+            .map(|s| {
+                let keys = s.widgets.clone();
+                let needs_user = keys.iter().any(|k| k.contains(USER_PLACEHOLDER));
+                (s.name.clone(), ScreenKeys { keys, needs_user })
+            })
+            .collect();
+        readiness.fail(READY_CHECK, "starting");
+        let shared = Shared {
+            cache: Cache::new(settings.key_prefix.clone()),
+            redis_breaker: Breaker::new(
+                "redis",
+                settings.failure_threshold,
+                metrics.circuit_gauge("redis"),
+            ),
+            db_breaker: Breaker::new(
+                "database",
+                settings.failure_threshold,
+                metrics.circuit_gauge("database"),
+            ),
+            settings,
+            screens,
+            redis,
+            conn: OnceCell::new(),
+            pool,
+            flights: fetch::Flights::default(),
+            metrics,
+            stats: Arc::new(Stats::new()),
+            readiness,
+        };
+        Self(Arc::new(shared))
+    }
+}
+
+/// The API routes (without the admin ones).
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/screens/{screen}", get(screens::get_screen))
+        .route("/v1/widgets", get(widgets::get_widgets))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such route; see GET /v1/screens/{screen}")
+}
+
+/// Records each request's duration by route and status.
+async fn track(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = Instant::now();
+    let res = next.run(req).await;
+    state
+        .0
+        .metrics
+        .request_seconds
+        .get_or_create(&metrics::RouteLabels {
+            route,
+            status: res.status().as_u16(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    res
+}
+
+/// The core-api component: build it, then [`CoreApi::run`] it.
+pub struct CoreApi {
+    state: ApiState,
+}
+
+impl CoreApi {
+    pub fn new(
+        settings: ApiSettings,
+        redis: redis::Client,
+        pool: PgPool,
+        registry: &mut Registry,
+        readiness: Readiness,
+    ) -> Self {
+        Self {
+            state: ApiState::new(settings, redis, pool, registry, readiness),
+        }
+    }
+
+    pub fn state(&self) -> ApiState {
+        self.state.clone()
+    }
+
+    /// API and admin routes on one router.
+    pub fn app(&self, admin_state: AdminState) -> Router {
+        router(self.state.clone()).merge(admin::router(admin_state))
+    }
+
+    /// Serves until `cancel` fires, with the breaker probes and the stats flusher beside it.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        admin_state: AdminState,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let app = self.app(admin_state);
+        let shared = self.state.0.clone();
+        let background = cancel.child_token();
+        let tasks = [
+            tokio::spawn({
+                let s = shared.clone();
+                let c = background.clone();
+                async move {
+                    let interval = s.settings.probe_interval;
+                    breaker::run_prober(
+                        &s.redis_breaker,
+                        interval,
+                        || s.ping_redis(),
+                        || s.update_readiness(),
+                        c,
+                    )
+                    .await
+                }
+            }),
+            tokio::spawn({
+                let s = shared.clone();
+                let c = background.clone();
+                async move {
+                    let interval = s.settings.probe_interval;
+                    breaker::run_prober(
+                        &s.db_breaker,
+                        interval,
+                        || s.ping_database(),
+                        || s.update_readiness(),
+                        c,
+                    )
+                    .await
+                }
+            }),
+            tokio::spawn(flush_stats(shared.clone(), background.clone())),
+        ];
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "core-api listening");
+        }
+        let served = admin::serve(listener, app, cancel.clone()).await;
+        background.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        served
+    }
+}
+
+/// Flushes the cache hit/miss counters to the pipeline's stats hash; waits for Redis first.
+async fn flush_stats(shared: Arc<Shared>, cancel: CancellationToken) {
+    let conn = loop {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), shared.redis_conn()).await {
+            break c;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(shared.settings.probe_interval) => {}
+        }
+    };
+    shared
+        .stats
+        .run_flusher(
+            conn,
+            shared.settings.stats_key.clone(),
+            shared.settings.stats_interval,
+            cancel,
+        )
+        .await;
+}
+
+/// Builds the API from the config and serves it (with /healthz, /readyz, /metrics) on
+/// `listener` until `cancel` fires. `registry` may already hold other components' metrics.
+pub async fn serve(
+    config: &Config,
+    redis: redis::Client,
+    pool: PgPool,
+    listener: tokio::net::TcpListener,
+    mut registry: Registry,
+    readiness: Readiness,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let api = CoreApi::new(
+        ApiSettings::from_config(config),
+        redis,
+        pool,
+        &mut registry,
+        readiness.clone(),
+    );
+    let admin_state = AdminState {
+        readiness,
+        registry: Arc::new(registry),
+    };
+    api.run(listener, admin_state, cancel).await
+}
+
+/// Looks the keys up and renders the answer; 503 only when no store answered.
+async fn answer(
+    shared: &Arc<Shared>,
+    screen: Option<&str>,
+    keys: &[String],
+    headers: &axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let lookup = fetch::lookup(shared, keys).await;
+    if lookup.nothing_answered() {
+        return Err(ApiError::unavailable());
+    }
+    Ok(response::render(screen, keys, &lookup, headers))
+}

@@ -1,0 +1,107 @@
+//! `GET /v1/screens/{screen}[?user=ID]`: a configured screen's widgets in order.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::{ApiError, ApiState, ScreenKeys};
+use crate::config::USER_PLACEHOLDER;
+use crate::event::{MAX_PARAM_LEN, is_valid_param};
+
+#[derive(Debug, Deserialize)]
+pub struct ScreenQuery {
+    pub user: Option<String>,
+}
+
+/// The request's keys: `{user}` replaced by the validated user id.
+pub fn resolve_keys(
+    screen: &str,
+    keys: &ScreenKeys,
+    user: Option<&str>,
+) -> Result<Vec<String>, ApiError> {
+    if let Some(u) = user {
+        if !is_valid_param(u) {
+            return Err(ApiError::bad_request(
+                "bad_user",
+                format!("`user` must be 1-{MAX_PARAM_LEN} characters of [A-Za-z0-9_-]"),
+            ));
+        }
+    }
+    if !keys.needs_user {
+        return Ok(keys.keys.clone());
+    }
+    let Some(user) = user else {
+        return Err(ApiError::bad_request(
+            "user_required",
+            format!("screen `{screen}` has personalised widgets: pass ?user=ID"),
+        ));
+    };
+    Ok(keys
+        .keys
+        .iter()
+        .map(|k| k.replace(USER_PLACEHOLDER, user))
+        .collect())
+}
+
+pub async fn get_screen(
+    State(state): State<ApiState>,
+    screen: Result<Path<String>, PathRejection>,
+    query: Result<Query<ScreenQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(screen) = screen.map_err(|e| ApiError::bad_request("bad_path", e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let shared = &state.0;
+    let Some(screen_keys) = shared.screen_keys(&screen) else {
+        return Err(ApiError::not_found(
+            "unknown_screen",
+            format!("no screen named `{}` is configured", truncate(&screen)),
+        ));
+    };
+    let mut keys = resolve_keys(&screen, screen_keys, query.user.as_deref())?;
+    // A configured list may repeat a key; ask for each once, keep the first position.
+    dedupe(&mut keys);
+    super::answer(shared, Some(&screen), &keys, &headers).await
+}
+
+/// Removes later duplicates, keeping order.
+pub fn dedupe(keys: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.retain(|k| seen.insert(k.clone()));
+}
+
+/// Echoes at most 64 characters of client input in error messages.
+pub fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_placeholder_is_filled_and_checked() {
+        let keys = ScreenKeys {
+            keys: vec!["deals.top".into(), "loyalty.points:{user}".into()],
+            needs_user: true,
+        };
+        assert_eq!(
+            resolve_keys("home", &keys, Some("u-42")).expect("ok"),
+            vec!["deals.top".to_string(), "loyalty.points:u-42".into()]
+        );
+        assert_eq!(
+            resolve_keys("home", &keys, None)
+                .expect_err("needs user")
+                .code,
+            "user_required"
+        );
+        assert_eq!(
+            resolve_keys("home", &keys, Some("a b"))
+                .expect_err("bad")
+                .code,
+            "bad_user"
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The dead-letter stream (`<stream>.dead`): entries that can never be applied, kept verbatim
+//! beside the reason, so the group keeps moving and nothing is silently dropped.
+//!
+//! Moving an entry is one atomic script per batch: for each entry, XACK it in the group and,
+//! only if that XACK removed it from the pending list, XADD it to the dead-letter stream. So an
+//! entry is never lost (it is acknowledged only together with its dead-letter copy) and never
+//! doubled (a retry after a lost reply, or a second replica that reclaimed the same entry, finds
+//! it already acknowledged and writes nothing). A MULTI/EXEC would give the first property but
+//! not the second.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+use redis::aio::ConnectionLike;
+
+use super::consumer::Entry;
+use crate::stats::unix_ms;
+use crate::stream;
+
+/// Extra fields of a dead-letter entry, beside the original ones.
+pub mod field {
+    /// Short stable reason: `undecodable`, `foreign-namespace`, `max-deliveries`, ...
+    pub const REASON: &str = "reason";
+    /// Human-readable message.
+    pub const ERROR: &str = "error";
+    /// The entry's id in the main stream.
+    pub const ORIGINAL_ID: &str = "original_id";
+    /// The consumer that dead-lettered it.
+    pub const CONSUMER: &str = "consumer";
+    pub const DEAD_LETTERED_AT_MS: &str = "dead_lettered_at_ms";
+}
+
+/// Reason for entries delivered more than `reclaim.maxDeliveries` times.
+pub const MAX_DELIVERIES: &str = "max-deliveries";
+
+/// KEYS[1] stream, KEYS[2] dead-letter stream. ARGV[1] group, ARGV[2] MAXLEN of the dead-letter
+/// stream, then per entry: id, field count n, then n field/value arguments.
+/// Returns per entry 1 if it was moved, 0 if it was no longer pending (nothing written).
+static MOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+local i = 3
+while i <= #ARGV do
+  local id = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local acked = redis.call('XACK', KEYS[1], ARGV[1], id)
+  if acked == 1 then
+    local args = {KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
+    for j = 1, n do
+      args[#args + 1] = ARGV[i + 1 + j]
+    end
+    redis.call('XADD', unpack(args))
+  end
+  out[#out + 1] = acked
+  i = i + 2 + n
+end
+return out
+"#,
+    )
+});
+
+/// One entry to move, with why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: String,
+    pub reason: &'static str,
+    pub error: String,
+    /// The original fields, verbatim.
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
+impl DeadLetter {
+    pub fn new(entry: &Entry, reason: &'static str, error: impl Into<String>) -> Self {
+        Self {
+            id: entry.id.clone(),
+            reason,
+            error: error.into(),
+            fields: stream::raw_fields(&entry.fields),
+        }
+    }
+
+    /// The dead-letter entry's fields: the original ones, then the reason and context.
+    pub fn entry_fields(&self, consumer: &str, now_ms: i64) -> Vec<(String, Vec<u8>)> {
+        let mut f = self.fields.clone();
+        f.push((field::REASON.into(), self.reason.as_bytes().to_vec()));
+        f.push((field::ERROR.into(), self.error.as_bytes().to_vec()));
+        f.push((field::ORIGINAL_ID.into(), self.id.as_bytes().to_vec()));
+        f.push((field::CONSUMER.into(), consumer.as_bytes().to_vec()));
+        f.push((
+            field::DEAD_LETTERED_AT_MS.into(),
+            now_ms.to_string().into_bytes(),
+        ));
+        f
+    }
+}
+
+/// Where dead letters go and who writes them.
+#[derive(Debug, Clone)]
+pub struct DeadLetterTarget<'a> {
+    pub stream: &'a str,
+    pub group: &'a str,
+    pub dead_stream: &'a str,
+    pub max_len: u64,
+    pub consumer: &'a str,
+}
+
+/// Moves entries in one atomic script call; returns per entry whether this call moved it.
+pub async fn move_entries<C: ConnectionLike>(
+    conn: &mut C,
+    target: &DeadLetterTarget<'_>,
+    letters: &[DeadLetter],
+) -> redis::RedisResult<Vec<bool>> {
+    if letters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = unix_ms();
+    let mut inv = MOVE.prepare_invoke();
+    inv.key(target.stream).key(target.dead_stream);
+    inv.arg(target.group).arg(target.max_len);
+    for l in letters {
+        let fields = l.entry_fields(target.consumer, now);
+        inv.arg(&l.id).arg(fields.len() * 2);
+        for (k, v) in fields {
+            inv.arg(k).arg(v);
+        }
+    }
+    let moved: Vec<i64> = inv.invoke_async(conn).await?;
+    Ok(moved.into_iter().map(|m| m == 1).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn dead_letter_keeps_original_fields_and_adds_context() {
+        let entry = Entry {
+            id: "7-1".into(),
+            fields: HashMap::from([(
+                "widget_key".to_string(),
+                redis::Value::BulkString(b"deals.x".to_vec()),
+            )]),
+        };
+        let dl = DeadLetter::new(&entry, "undecodable", "field `v` is missing");
+        let f: HashMap<String, Vec<u8>> = dl.entry_fields("pod-a", 42).into_iter().collect();
+        assert_eq!(f["widget_key"], b"deals.x");
+        assert_eq!(f[field::REASON], b"undecodable");
+        assert_eq!(f[field::ERROR], b"field `v` is missing");
+        assert_eq!(f[field::ORIGINAL_ID], b"7-1");
+        assert_eq!(f[field::CONSUMER], b"pod-a");
+        assert_eq!(f[field::DEAD_LETTERED_AT_MS], b"42");
+    }
+}

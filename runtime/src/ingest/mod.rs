@@ -1,0 +1,565 @@
+//! The core-ingester: turns the pipeline's stream entries into core database rows and hot-cache
+//! values, at least once, without ever letting a stale or foreign event win.
+//!
+//! One loop per process: make sure the consumer group exists, run a reclaim pass when one is due
+//! ([`reclaim`]), otherwise block on `XREADGROUP ... >` on a connection of its own
+//! ([`consumer`]). Each batch ([`batch`]) is decoded, bad entries go to the dead-letter stream
+//! ([`dead_letter`]), the rest are applied with one version-guarded UPSERT, the winners are
+//! written to the cache with the version-guarded script, and only then is the batch acknowledged.
+//! A store that fails is retried with backoff and jitter while readiness reports it; the batch
+//! in hand is kept, nothing is acknowledged, and the loop never exits for an outage.
+
+mod batch;
+pub mod consumer;
+pub mod dead_letter;
+pub mod metrics;
+pub mod reclaim;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Readiness;
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::connect;
+use crate::stats::{self, Stats};
+
+pub use batch::is_data_error;
+use dead_letter::DeadLetter;
+use metrics::IngestMetrics;
+
+/// Entries read or claimed per batch unless overridden.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Longest XREADGROUP block; the read wakes earlier when a reclaim pass is due.
+pub const MAX_BLOCK: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("ingester task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Everything the ingester takes from the pipeline config, plus knobs tests may turn.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    pub stream: String,
+    pub group: String,
+    pub dead_stream: String,
+    /// Approximate cap of the dead-letter stream (the pipeline's `stream.maxLength`).
+    pub dead_max_len: u64,
+    pub key_prefix: String,
+    pub stats_key: String,
+    pub ingest_ttl: Duration,
+    pub min_idle: Duration,
+    pub reclaim_interval: Duration,
+    pub max_deliveries: u32,
+    pub batch_size: usize,
+    pub max_block: Duration,
+    pub stats_interval: Duration,
+}
+
+impl IngestSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            stream: config.stream_name(),
+            group: config.stream.consumer_group.clone(),
+            dead_stream: config.dead_letter_stream(),
+            dead_max_len: config.stream.max_length,
+            key_prefix: config.key_prefix(),
+            stats_key: config.stats_key(),
+            ingest_ttl: config.cache.ingest_ttl,
+            min_idle: config.reclaim.min_idle,
+            reclaim_interval: config.reclaim.interval,
+            max_deliveries: config.reclaim.max_deliveries,
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_block: MAX_BLOCK,
+            stats_interval: stats::FLUSH_INTERVAL,
+        }
+    }
+}
+
+pub struct Ingester {
+    settings: IngestSettings,
+    consumer: String,
+    redis: redis::Client,
+    pool: PgPool,
+    metrics: IngestMetrics,
+    readiness: Readiness,
+    stats: Arc<Stats>,
+}
+
+impl Ingester {
+    pub fn new(
+        config: &Config,
+        consumer: String,
+        redis: redis::Client,
+        pool: PgPool,
+        registry: &mut Registry,
+        readiness: Readiness,
+    ) -> Self {
+        let metrics = IngestMetrics::register(registry);
+        readiness.fail("redis", "not connected yet");
+        readiness.fail("database", "not connected yet");
+        Self {
+            settings: IngestSettings::from_config(config),
+            consumer,
+            redis,
+            pool,
+            metrics,
+            readiness,
+            stats: Arc::new(Stats::new()),
+        }
+    }
+
+    /// How often counters are flushed to the stats hash (default [`stats::FLUSH_INTERVAL`]).
+    pub fn with_stats_interval(mut self, interval: Duration) -> Self {
+        self.settings.stats_interval = interval;
+        self
+    }
+
+    /// Entries per read and per XAUTOCLAIM page (default [`DEFAULT_BATCH_SIZE`]).
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.settings.batch_size = n.max(1);
+        self
+    }
+
+    pub fn settings(&self) -> &IngestSettings {
+        &self.settings
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Consumes until `cancel` fires. A batch in flight when it fires is finished if its stores
+    /// answer, otherwise abandoned unacknowledged (it is reclaimed later). Outages of Redis or
+    /// Postgres are waited out; they never end the loop.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), IngestError> {
+        tracing::info!(
+            consumer = %self.consumer,
+            stream = %self.settings.stream,
+            group = %self.settings.group,
+            "ingester started"
+        );
+        let flusher = tokio::spawn(flush_stats(
+            self.redis.clone(),
+            self.stats.clone(),
+            self.settings.stats_key.clone(),
+            self.settings.stats_interval,
+            cancel.clone(),
+        ));
+        let mut worker = Worker {
+            links: Links {
+                client: self.redis.clone(),
+                manager: None,
+                readiness: self.readiness.clone(),
+                metrics: self.metrics.clone(),
+                failures: 0,
+            },
+            cache: Cache::new(self.settings.key_prefix.clone()),
+            s: self.settings,
+            consumer: self.consumer,
+            pool: self.pool,
+            metrics: self.metrics,
+            stats: self.stats,
+            blocking: None,
+            group_ready: false,
+            had_group: false,
+        };
+        worker.drive(&cancel).await;
+        let consumer = worker.consumer.clone();
+        drop(worker);
+        flusher.await?;
+        tracing::info!(consumer = %consumer, "ingester stopped");
+        Ok(())
+    }
+}
+
+/// Why a batch stopped before it was finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halt {
+    /// Shutdown: the rest stays pending and is reclaimed later.
+    Cancelled,
+    /// The consumer group (or the whole stream) is gone; so are the entries in hand.
+    GroupLost,
+}
+
+/// Connections and the bookkeeping of failed attempts.
+struct Links {
+    client: redis::Client,
+    manager: Option<ConnectionManager>,
+    readiness: Readiness,
+    metrics: IngestMetrics,
+    failures: u32,
+}
+
+impl Links {
+    async fn manager(&mut self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(m) = &self.manager {
+            return Ok(m.clone());
+        }
+        let m = connect::redis_manager(&self.client).await?;
+        self.manager = Some(m.clone());
+        Ok(m)
+    }
+
+    fn redis_failed(&mut self, e: &redis::RedisError, what: &str) {
+        self.failures = self.failures.saturating_add(1);
+        self.metrics.error_inc("redis");
+        self.readiness.fail("redis", e.to_string());
+        if self.failures == 1 || self.failures.is_multiple_of(20) {
+            tracing::warn!(error = %e, failures = self.failures, step = what,
+                "Redis step failed; nothing acknowledged, retrying");
+        }
+    }
+
+    fn db_failed(&mut self, e: &sqlx::Error, what: &str) {
+        self.failures = self.failures.saturating_add(1);
+        self.metrics.error_inc("database");
+        self.readiness.fail("database", e.to_string());
+        if self.failures == 1 || self.failures.is_multiple_of(20) {
+            tracing::warn!(error = %e, failures = self.failures, step = what,
+                "database step failed; nothing acknowledged, retrying");
+        }
+    }
+
+    fn redis_ok(&mut self) {
+        self.failures = 0;
+        self.readiness.pass("redis");
+    }
+
+    fn db_ok(&mut self) {
+        self.failures = 0;
+        self.readiness.pass("database");
+    }
+
+    /// Waits the backoff for the current failure count; false if cancelled meanwhile.
+    async fn pause(&self, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(backoff(self.failures)) => true,
+        }
+    }
+
+    /// Runs a Redis step until it succeeds. Retries keep the batch in hand.
+    async fn redis<T, F, Fut>(
+        &mut self,
+        cancel: &CancellationToken,
+        what: &str,
+        mut step: F,
+    ) -> Result<T, Halt>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        loop {
+            let result = match self.manager().await {
+                Ok(conn) => step(conn).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => {
+                    self.redis_ok();
+                    return Ok(v);
+                }
+                Err(e) if consumer::is_nogroup(&e) => {
+                    tracing::warn!(
+                        step = what,
+                        "consumer group is gone; abandoning the batch in hand"
+                    );
+                    return Err(Halt::GroupLost);
+                }
+                Err(e) => {
+                    self.redis_failed(&e, what);
+                    if !self.pause(cancel).await {
+                        return Err(Halt::Cancelled);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a database step until it succeeds.
+    async fn db<T, F, Fut>(
+        &mut self,
+        cancel: &CancellationToken,
+        what: &str,
+        mut step: F,
+    ) -> Result<T, Halt>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        loop {
+            match step().await {
+                Ok(v) => {
+                    self.db_ok();
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.db_failed(&e, what);
+                    if !self.pause(cancel).await {
+                        return Err(Halt::Cancelled);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The state of one running ingester.
+struct Worker {
+    s: IngestSettings,
+    consumer: String,
+    pool: PgPool,
+    cache: Cache,
+    metrics: IngestMetrics,
+    stats: Arc<Stats>,
+    links: Links,
+    /// The connection of its own for the blocking read.
+    blocking: Option<MultiplexedConnection>,
+    group_ready: bool,
+    had_group: bool,
+}
+
+impl Worker {
+    async fn drive(&mut self, cancel: &CancellationToken) {
+        // The first pass runs at once: it takes over what a previous run left pending.
+        let mut next_reclaim = Instant::now();
+        while !cancel.is_cancelled() {
+            if !self.group_ready
+                && let Err(e) = self.ensure_group().await
+            {
+                self.links.redis_failed(&e, "create consumer group");
+                if !self.links.pause(cancel).await {
+                    break;
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if now >= next_reclaim {
+                next_reclaim = now + self.s.reclaim_interval;
+                if self.reclaim_pass(cancel).await == Err(Halt::Cancelled) {
+                    break;
+                }
+                continue;
+            }
+            let block = next_reclaim
+                .saturating_duration_since(now)
+                .clamp(Duration::from_millis(1), self.s.max_block);
+            let read = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.read(block) => r,
+            };
+            match read {
+                Ok(entries) if entries.is_empty() => {}
+                Ok(entries) => {
+                    if self.process(entries, Vec::new(), cancel).await == Err(Halt::Cancelled) {
+                        break;
+                    }
+                }
+                Err(e) if consumer::is_nogroup(&e) => {
+                    tracing::warn!(stream = %self.s.stream, group = %self.s.group,
+                        "consumer group is missing (Redis lost it?); creating it again at 0");
+                    self.group_ready = false;
+                }
+                Err(e) => {
+                    self.blocking = None;
+                    self.links.redis_failed(&e, "read");
+                    if !self.links.pause(cancel).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn ensure_group(&mut self) -> redis::RedisResult<()> {
+        let mut conn = self.links.manager().await?;
+        let created = consumer::ensure_group(&mut conn, &self.s.stream, &self.s.group).await?;
+        if created && self.had_group {
+            self.metrics.group_recreated.inc();
+            tracing::warn!(stream = %self.s.stream, group = %self.s.group,
+                "consumer group re-created at 0");
+        } else if created {
+            tracing::info!(stream = %self.s.stream, group = %self.s.group, "consumer group created");
+        }
+        self.group_ready = true;
+        self.had_group = true;
+        self.links.redis_ok();
+        Ok(())
+    }
+
+    async fn read(&mut self, block: Duration) -> redis::RedisResult<Vec<consumer::Entry>> {
+        let conn = match &mut self.blocking {
+            Some(c) => c,
+            None => {
+                let c = connect::redis_blocking(&self.links.client, self.s.max_block).await?;
+                self.blocking.insert(c)
+            }
+        };
+        let entries = consumer::read_new(
+            conn,
+            &self.s.stream,
+            &self.s.group,
+            &self.consumer,
+            self.s.batch_size,
+            block,
+        )
+        .await?;
+        self.links.redis_ok();
+        Ok(entries)
+    }
+
+    /// Moves entries to the dead-letter stream and counts those this call moved.
+    async fn dead_letter(
+        &mut self,
+        letters: &[DeadLetter],
+        cancel: &CancellationToken,
+    ) -> Result<(), Halt> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let target = dead_letter::DeadLetterTarget {
+            stream: &self.s.stream,
+            group: &self.s.group,
+            dead_stream: &self.s.dead_stream,
+            max_len: self.s.dead_max_len,
+            consumer: &self.consumer,
+        };
+        let moved = self
+            .links
+            .redis(cancel, "dead-letter", |mut conn| {
+                let target = target.clone();
+                async move { dead_letter::move_entries(&mut conn, &target, letters).await }
+            })
+            .await?;
+        for (letter, moved) in letters.iter().zip(moved) {
+            if !moved {
+                continue; // already acknowledged elsewhere: someone else handled it
+            }
+            tracing::warn!(id = %letter.id, reason = letter.reason, error = %letter.error,
+                dead_stream = %self.s.dead_stream, "entry dead-lettered");
+            self.metrics.dead_lettered_inc(letter.reason);
+            self.stats.add(stats::field::DEAD_LETTERED, 1);
+            if letter.reason != dead_letter::MAX_DELIVERIES {
+                self.metrics.rejected.inc();
+                self.stats.add(stats::field::REJECTED, 1);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the core migrations at start-up, waiting for the database while it cannot be reached
+/// (a pod starting before its database). Other migration errors (a modified or missing
+/// migration, a failing statement) are returned: retrying cannot fix them. Several replicas may
+/// run this at once; sqlx serializes them with an advisory lock. `Ok(false)` if cancelled first.
+pub async fn migrate_core(
+    pool: &PgPool,
+    cancel: &CancellationToken,
+) -> Result<bool, sqlx::migrate::MigrateError> {
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return Ok(false),
+            r = crate::store::migrate(&crate::store::CORE_MIGRATIONS, pool) => r,
+        };
+        match attempt {
+            Ok(()) => return Ok(true),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if is_unreachable(&e) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(error = %e, failures, "core database unreachable; migrations wait for it");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(backoff(failures)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Errors that mean "the database is not reachable right now", not "the request is wrong".
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        // 08: connection exception; 57P03: cannot connect now (starting up or shutting down).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c == "57P03" || c == "57P01"),
+        _ => false,
+    }
+}
+
+/// Exponential backoff with jitter: 50 ms doubling to 2 s, each wait 50-100% of that. The cap is
+/// low so an ingester resumes within about two seconds of its stores returning.
+fn backoff(failures: u32) -> Duration {
+    let base = 50u64.saturating_mul(1 << failures.min(6)).min(2000);
+    Duration::from_millis(base / 2 + rand::random_range(0..=base / 2))
+}
+
+/// Flushes the counters to the pipeline's stats hash until cancelled, then once more.
+async fn flush_stats(
+    client: redis::Client,
+    stats: Arc<Stats>,
+    key: String,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let conn = loop {
+        match connect::redis_manager(&client).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::debug!(error = %e, "stats flusher cannot reach Redis yet");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(interval.min(Duration::from_secs(1))) => {}
+                }
+            }
+        }
+    };
+    stats.run_flusher(conn, key, interval, cancel).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for failures in 0..40 {
+            let d = backoff(failures);
+            assert!(d <= Duration::from_secs(2), "{failures}: {d:?}");
+            assert!(d >= Duration::from_millis(25), "{failures}: {d:?}");
+        }
+        assert!(backoff(10) >= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn settings_come_from_config() {
+        let c = Config::from_yaml_str(
+            "pipeline: home\nreclaim: {minIdle: 300ms, interval: 200ms, maxDeliveries: 3}\nsources: [{name: deals}]\n",
+        )
+        .expect("valid");
+        let s = IngestSettings::from_config(&c);
+        assert_eq!(s.stream, "home.widget-events");
+        assert_eq!(s.dead_stream, "home.widget-events.dead");
+        assert_eq!(s.group, "core-ingester");
+        assert_eq!(s.min_idle, Duration::from_millis(300));
+        assert_eq!(s.reclaim_interval, Duration::from_millis(200));
+        assert_eq!(s.max_deliveries, 3);
+        assert_eq!(s.stats_key, "hw:home:stats");
+    }
+}
