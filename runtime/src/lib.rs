@@ -10,6 +10,7 @@ pub mod dev;
 pub mod event;
 pub mod ingest;
 pub mod outbox;
+pub mod retry;
 pub mod shutdown;
 pub mod stats;
 pub mod store;

@@ -145,7 +145,30 @@ impl Stats {
         }
     }
 
-    /// Flushes every [`FLUSH_INTERVAL`] until cancelled, then once more.
+    /// Connects (retrying while Redis is down), then flushes every `interval` until cancelled.
+    pub async fn flush_until_cancelled(
+        &self,
+        client: redis::Client,
+        stats_key: String,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) {
+        let conn = loop {
+            match crate::connect::redis_manager(&client).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "stats flusher cannot reach Redis yet");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(interval.min(Duration::from_secs(1))) => {}
+                    }
+                }
+            }
+        };
+        self.run_flusher(conn, stats_key, interval, cancel).await;
+    }
+
+    /// Flushes every `interval` until cancelled, then once more.
     pub async fn run_flusher(
         &self,
         mut conn: redis::aio::ConnectionManager,

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Readiness;
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::connect;
 use crate::stats::{self, Stats};
+use crate::{connect, retry};
 
 pub use batch::is_data_error;
 use dead_letter::DeadLetter;
@@ -147,13 +147,19 @@ impl Ingester {
             group = %self.settings.group,
             "ingester started"
         );
-        let flusher = tokio::spawn(flush_stats(
-            self.redis.clone(),
-            self.stats.clone(),
-            self.settings.stats_key.clone(),
-            self.settings.stats_interval,
-            cancel.clone(),
-        ));
+        let flusher = {
+            let (stats, client) = (self.stats.clone(), self.redis.clone());
+            let (key, interval, cancel) = (
+                self.settings.stats_key.clone(),
+                self.settings.stats_interval,
+                cancel.clone(),
+            );
+            tokio::spawn(async move {
+                stats
+                    .flush_until_cancelled(client, key, interval, cancel)
+                    .await
+            })
+        };
         let mut worker = Worker {
             links: Links {
                 client: self.redis.clone(),
@@ -503,49 +509,15 @@ fn is_unreachable(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Exponential backoff with jitter: 50 ms doubling to 2 s, each wait 50-100% of that. The cap is
-/// low so an ingester resumes within about two seconds of its stores returning.
+/// Backoff while a store is down. The cap is low so an ingester resumes within about two
+/// seconds of its stores returning.
 fn backoff(failures: u32) -> Duration {
-    let base = 50u64.saturating_mul(1 << failures.min(6)).min(2000);
-    Duration::from_millis(base / 2 + rand::random_range(0..=base / 2))
-}
-
-/// Flushes the counters to the pipeline's stats hash until cancelled, then once more.
-async fn flush_stats(
-    client: redis::Client,
-    stats: Arc<Stats>,
-    key: String,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
-    let conn = loop {
-        match connect::redis_manager(&client).await {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::debug!(error = %e, "stats flusher cannot reach Redis yet");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(interval.min(Duration::from_secs(1))) => {}
-                }
-            }
-        }
-    };
-    stats.run_flusher(conn, key, interval, cancel).await;
+    retry::backoff(failures, Duration::from_millis(50), Duration::from_secs(2))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for failures in 0..40 {
-            let d = backoff(failures);
-            assert!(d <= Duration::from_secs(2), "{failures}: {d:?}");
-            assert!(d >= Duration::from_millis(25), "{failures}: {d:?}");
-        }
-        assert!(backoff(10) >= Duration::from_secs(1));
-    }
 
     #[test]
     fn settings_come_from_config() {

@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
 use crate::config::{Config, SourceConfig};
-use crate::connect;
 use crate::event::Op;
 use crate::stats::{self, Stats};
 use crate::stream::StreamEvent;
+use crate::{connect, retry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -205,12 +205,19 @@ impl OutboxWorker {
                 self.stats.clone(),
                 cancel.clone(),
             )),
-            tokio::spawn(flush_stats(
-                self.redis.clone(),
-                self.stats.clone(),
-                self.settings.clone(),
-                cancel.clone(),
-            )),
+            tokio::spawn({
+                let (stats, client, cancel) =
+                    (self.stats.clone(), self.redis.clone(), cancel.clone());
+                let (key, interval) = (
+                    self.settings.stats_key.clone(),
+                    self.settings.stats_interval,
+                );
+                async move {
+                    stats
+                        .flush_until_cancelled(client, key, interval, cancel)
+                        .await
+                }
+            }),
         ];
         let mut conn: Option<ConnectionManager> = None;
         let mut failures: u32 = 0;
@@ -509,10 +516,8 @@ fn pending_min_id(reply: &redis::Value) -> Option<String> {
     }
 }
 
-/// Exponential backoff with jitter: 100 ms doubling to 5 s, each wait 50-100% of that.
 fn backoff(failures: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << failures.min(6)).min(5000);
-    Duration::from_millis(base / 2 + rand::random_range(0..=base / 2))
+    retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5))
 }
 
 async fn listen_for_wakeups(
@@ -590,40 +595,9 @@ async fn sample_backlog(
     }
 }
 
-async fn flush_stats(
-    redis: redis::Client,
-    stats: Arc<Stats>,
-    settings: WorkerSettings,
-    cancel: CancellationToken,
-) {
-    let conn = loop {
-        match connect::redis_manager(&redis).await {
-            Ok(c) => break c,
-            Err(_) => {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
-    stats
-        .run_flusher(conn, settings.stats_key, settings.stats_interval, cancel)
-        .await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for f in 1..30 {
-            let b = backoff(f);
-            assert!(b <= Duration::from_secs(5), "{b:?}");
-            assert!(b >= Duration::from_millis(100), "{b:?}");
-        }
-    }
 
     #[test]
     fn backpressure_limit_leaves_room_for_a_batch() {
