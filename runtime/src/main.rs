@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 use widget_runtime::admin::{self, AdminState, Readiness};
 use widget_runtime::config::Config;
 use widget_runtime::telemetry::{self, LogFormat};
-use widget_runtime::{connect, ingest, outbox, shutdown, store};
+use widget_runtime::{api, connect, dev, ingest, outbox, shutdown, store};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,10 @@ enum Command {
     OutboxWorker(OutboxWorkerArgs),
     /// Consume the pipeline's stream into the core database and the hot cache.
     Ingester(IngesterArgs),
+    /// Serve the home API (and /healthz, /readyz, /metrics on the same port).
+    CoreApi(CoreApiArgs),
+    /// Run migrations, every outbox-worker, the ingester and the core API in one process.
+    Dev(DevArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,6 +102,42 @@ struct IngesterArgs {
     skip_migrations: bool,
 }
 
+#[derive(Args)]
+struct CoreApiArgs {
+    /// Pipeline config file (YAML).
+    #[arg(long, env = "WIDGET_CONFIG")]
+    config: PathBuf,
+    /// Where the API (and its /healthz, /readyz, /metrics) is served.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "LISTEN")]
+    listen: SocketAddr,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: String,
+    #[arg(long, env = "CORE_DATABASE_URL", hide_env_values = true)]
+    core_database_url: String,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Pipeline config file (YAML); defaults to the sample in examples/dev-config.yaml.
+    #[arg(long, env = "WIDGET_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8080", env = "LISTEN")]
+    listen: SocketAddr,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: String,
+    #[arg(long, env = "CORE_DATABASE_URL", hide_env_values = true)]
+    core_database_url: String,
+    /// The product database of every source; defaults to the core database.
+    #[arg(long, env = "SOURCE_DATABASE_URL", hide_env_values = true)]
+    source_database_url: Option<String>,
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
 /// Serves /healthz, /readyz and /metrics beside a component until `cancel` fires.
 fn spawn_admin(
     listener: tokio::net::TcpListener,
@@ -144,9 +184,7 @@ async fn main() -> anyhow::Result<()> {
             let redis = connect::redis_client(&args.redis_url).context("invalid REDIS_URL")?;
             let pool = connect::pg_pool(&args.source_database_url, 4)
                 .context("invalid SOURCE_DATABASE_URL")?;
-            let listener = tokio::net::TcpListener::bind(args.common.admin_listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", args.common.admin_listen))?;
+            let listener = bind(args.common.admin_listen).await?;
             let cancel = shutdown::on_signal();
             let mut registry = Registry::default();
             let readiness = Readiness::default();
@@ -171,9 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(name) if !name.trim().is_empty() => name,
                 _ => gethostname::gethostname().to_string_lossy().into_owned(),
             };
-            let listener = tokio::net::TcpListener::bind(args.common.admin_listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", args.common.admin_listen))?;
+            let listener = bind(args.common.admin_listen).await?;
             let cancel = shutdown::on_signal();
             let mut registry = Registry::default();
             let readiness = Readiness::default();
@@ -196,6 +232,41 @@ async fn main() -> anyhow::Result<()> {
             }
             cancel.cancel();
             admin.await??;
+        }
+        Command::CoreApi(args) => {
+            let config = load_config(&args.config)?;
+            let redis = connect::redis_client(&args.redis_url).context("invalid REDIS_URL")?;
+            let pool = connect::pg_pool(&args.core_database_url, 16)
+                .context("invalid CORE_DATABASE_URL")?;
+            let listener = bind(args.listen).await?;
+            let cancel = shutdown::on_signal();
+            api::serve(
+                &config,
+                redis,
+                pool,
+                listener,
+                Registry::default(),
+                Readiness::default(),
+                cancel,
+            )
+            .await?;
+        }
+        Command::Dev(args) => {
+            let config = match &args.config {
+                Some(path) => load_config(path)?,
+                None => Config::from_yaml_str(dev::SAMPLE_CONFIG)
+                    .context("the built-in sample config")?,
+            };
+            let stores = dev::DevStores {
+                source_database_url: args
+                    .source_database_url
+                    .unwrap_or_else(|| args.core_database_url.clone()),
+                redis_url: args.redis_url,
+                core_database_url: args.core_database_url,
+            };
+            let listener = bind(args.listen).await?;
+            let cancel = shutdown::on_signal();
+            dev::run(config, stores, listener, cancel).await?;
         }
     }
     Ok(())
