@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use support::{Stack, field_str, read_stream};
+use support::{Stack, field_str, http_get, read_stream};
 use testkit::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -592,19 +592,6 @@ async fn product_database_outage_is_waited_out() {
     worker.stop().await;
 }
 
-/// A minimal HTTP/1.1 GET, so the test needs no HTTP client crate.
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let status = buf.split(' ').nth(1)?.parse().ok()?;
-    Some((status, buf))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
     let stack = Stack::start().await;
@@ -638,18 +625,24 @@ async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
         .expect("spawn widget-runtime");
 
     let ready = eventually(WAIT, || async {
-        http_get(&admin, "/readyz").await.filter(|(s, _)| *s == 200)
+        http_get(&admin, "/readyz", &[])
+            .await
+            .filter(|r| r.status == 200)
     })
     .await;
     assert!(
         ready.is_some(),
         "/readyz turns 200 once Redis and Postgres answer"
     );
-    assert_eq!(http_get(&admin, "/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(
+        http_get(&admin, "/healthz", &[]).await.map(|r| r.status),
+        Some(200)
+    );
     enqueue(&pool, &[deal(1), deal(2)]).await;
     wait_for_distinct(&stack, &stack.config.stream_name(), 2).await;
-    let (status, body) = http_get(&admin, "/metrics").await.expect("metrics");
-    assert_eq!(status, 200);
+    let metrics = http_get(&admin, "/metrics", &[]).await.expect("metrics");
+    assert_eq!(metrics.status, 200);
+    let body = metrics.body;
     assert!(
         body.contains(r#"widget_outbox_published_total{source="deals"} 2"#),
         "{body}"

@@ -2,8 +2,9 @@
 //!
 //! Closed: calls go through; `failure_threshold` failures in a row open it. Open: callers skip
 //! the store at once (Redis down -> straight to Postgres; Postgres down -> misses are listed).
-//! While open, a background prober pings the store every `probe_interval`; the first success
-//! closes it again. Requests never act as probes, so none of them waits on a dead store.
+//! A background prober pings the store every `probe_interval`: while open, the first success
+//! closes it again; while closed, failed pings count too, so a store that dies without traffic
+//! still opens its circuit. Requests never act as probes, so none waits on a dead store.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -95,8 +96,8 @@ impl Breaker {
     }
 }
 
-/// Probes once at start (opening the breaker at once if the store is down), then every
-/// `interval` while the breaker is open, until `cancel` fires. `on_change` runs after every
+/// Probes at start (opening the breaker at once if the store is down), then every `interval`
+/// until `cancel` fires: a success closes an open breaker, a failure counts like a failed call. `on_change` runs after every
 /// probe, e.g. to update readiness.
 pub async fn run_prober<P, Fut>(
     breaker: &Breaker,
@@ -110,18 +111,21 @@ pub async fn run_prober<P, Fut>(
 {
     let mut first = true;
     loop {
-        if first || !breaker.allows() {
-            let result = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = probe() => r,
-            };
-            match result {
-                Ok(()) => breaker.record_success(),
-                Err(e) if first => breaker.trip(&e),
-                Err(e) => tracing::debug!(store = breaker.name(), error = %e, "probe failed"),
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = probe() => r,
+        };
+        match result {
+            Ok(()) => breaker.record_success(),
+            Err(e) if first => breaker.trip(&e),
+            // While closed, failed probes count like failed requests, so a store that dies
+            // while there is no traffic still opens its circuit (and readiness follows).
+            Err(e) => {
+                tracing::debug!(store = breaker.name(), error = %e, "probe failed");
+                breaker.record_failure(&e);
             }
-            first = false;
         }
+        first = false;
         on_change();
         tokio::select! {
             _ = cancel.cancelled() => return,
