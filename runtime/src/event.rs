@@ -76,10 +76,10 @@ impl<'a> WidgetKey<'a> {
         if !is_lower_word(name, b"-_.") {
             return Err(KeyError::BadName(name.into()));
         }
-        if let Some(p) = param {
-            if !is_valid_param(p) {
-                return Err(KeyError::BadParam(p.into()));
-            }
+        if let Some(p) = param
+            && !is_valid_param(p)
+        {
+            return Err(KeyError::BadParam(p.into()));
         }
         Ok(Self {
             full,

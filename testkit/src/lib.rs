@@ -338,14 +338,14 @@ impl PgServer {
         let start = Instant::now();
         let limit = Duration::from_secs(30);
         while start.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    self.child = None;
-                    return Err(Error::Io(format!(
-                        "postgres exited at start ({status}):\n{}",
-                        tail(&self.log_path())
-                    )));
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Err(Error::Io(format!(
+                    "postgres exited at start ({status}):\n{}",
+                    tail(&self.log_path())
+                )));
             }
             if let Ok(conn) = sqlx::PgConnection::connect(&self.url("postgres")).await {
                 let _ = conn.close().await;
@@ -463,14 +463,14 @@ impl RedisServer {
         let start = Instant::now();
         let limit = Duration::from_secs(15);
         while start.elapsed() < limit {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    self.child = None;
-                    return Err(Error::Io(format!(
-                        "redis-server exited at start ({status}):\n{}",
-                        tail(&self.log_path())
-                    )));
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Err(Error::Io(format!(
+                    "redis-server exited at start ({status}):\n{}",
+                    tail(&self.log_path())
+                )));
             }
             if let Ok(mut conn) = self.connection().await {
                 let pong: redis::RedisResult<String> =

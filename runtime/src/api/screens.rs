@@ -21,13 +21,13 @@ pub fn resolve_keys(
     keys: &ScreenKeys,
     user: Option<&str>,
 ) -> Result<Vec<String>, ApiError> {
-    if let Some(u) = user {
-        if !is_valid_param(u) {
-            return Err(ApiError::bad_request(
-                "bad_user",
-                format!("`user` must be 1-{MAX_PARAM_LEN} characters of [A-Za-z0-9_-]"),
-            ));
-        }
+    if let Some(u) = user
+        && !is_valid_param(u)
+    {
+        return Err(ApiError::bad_request(
+            "bad_user",
+            format!("`user` must be 1-{MAX_PARAM_LEN} characters of [A-Za-z0-9_-]"),
+        ));
     }
     if !keys.needs_user {
         return Ok(keys.keys.clone());

@@ -264,7 +264,7 @@ impl OutboxWorker {
                         .errors
                         .get_or_create(&vec![("store".into(), kind.into())])
                         .inc();
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(source = %name, error = %e, failures, "relay failed; rows stay in the outbox, retrying");
                     }
                     tokio::select! {
