@@ -14,13 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 /// Named readiness checks; the component is ready when every check is passing.
 /// A component registers its checks as not-ready at start and flips them as it connects.
+/// Components sharing one process (`dev`) each take a [`Readiness::scoped`] view, so their
+/// checks of the same store (`redis`, `database`) do not overwrite each other.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    checks: Arc<Mutex<BTreeMap<&'static str, Result<(), String>>>>,
+    checks: Arc<Mutex<BTreeMap<String, Result<(), String>>>>,
+    prefix: String,
 }
 
 impl Readiness {
-    pub fn new(names: &[&'static str]) -> Self {
+    pub fn new(names: &[&str]) -> Self {
         let r = Self::default();
         for n in names {
             r.fail(n, "starting");
@@ -28,21 +31,25 @@ impl Readiness {
         r
     }
 
-    pub fn pass(&self, name: &'static str) {
-        if let Ok(mut c) = self.checks.lock() {
-            c.insert(name, Ok(()));
+    /// A view whose check names are prefixed with `scope/`, sharing the same set of checks.
+    pub fn scoped(&self, scope: &str) -> Self {
+        Self {
+            checks: self.checks.clone(),
+            prefix: format!("{}{scope}/", self.prefix),
         }
     }
 
-    pub fn fail(&self, name: &'static str, why: impl Into<String>) {
-        if let Ok(mut c) = self.checks.lock() {
-            c.insert(name, Err(why.into()));
-        }
+    pub fn pass(&self, name: &str) {
+        self.set(name, Ok(()));
     }
 
-    pub fn set(&self, name: &'static str, result: Result<(), String>) {
+    pub fn fail(&self, name: &str, why: impl Into<String>) {
+        self.set(name, Err(why.into()));
+    }
+
+    pub fn set(&self, name: &str, result: Result<(), String>) {
         if let Ok(mut c) = self.checks.lock() {
-            c.insert(name, result);
+            c.insert(format!("{}{name}", self.prefix), result);
         }
     }
 
@@ -53,13 +60,13 @@ impl Readiness {
             .unwrap_or(false)
     }
 
-    /// The failing checks with their reasons.
-    pub fn failing(&self) -> BTreeMap<&'static str, String> {
+    /// The failing checks (full names) with their reasons.
+    pub fn failing(&self) -> BTreeMap<String, String> {
         self.checks
             .lock()
             .map(|c| {
                 c.iter()
-                    .filter_map(|(k, v)| v.as_ref().err().map(|e| (*k, e.clone())))
+                    .filter_map(|(k, v)| v.as_ref().err().map(|e| (k.clone(), e.clone())))
                     .collect()
             })
             .unwrap_or_default()
@@ -122,4 +129,25 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readiness;
+
+    #[test]
+    fn scoped_checks_do_not_overwrite_each_other() {
+        let all = Readiness::default();
+        let worker = all.scoped("outbox-worker:deals");
+        let ingester = all.scoped("ingester");
+        worker.fail("redis", "down");
+        ingester.pass("redis");
+        assert!(!all.is_ready());
+        assert_eq!(
+            all.failing().keys().collect::<Vec<_>>(),
+            ["outbox-worker:deals/redis"]
+        );
+        worker.pass("redis");
+        assert!(all.is_ready());
+    }
 }

@@ -72,7 +72,7 @@ pub async fn run(
             redis.clone(),
             source.clone(),
             &mut registry,
-            readiness.clone(),
+            readiness.scoped(&format!("outbox-worker:{}", s.name)),
         );
         let c = cancel.clone();
         tasks.spawn(async move {
@@ -87,7 +87,7 @@ pub async fn run(
         redis.clone(),
         core.clone(),
         &mut registry,
-        readiness.clone(),
+        readiness.scoped("ingester"),
     );
     let c = cancel.clone();
     tasks.spawn(async move {
