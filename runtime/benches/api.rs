@@ -1,0 +1,604 @@
+//! Core API throughput and latency next to same-run baselines.
+//!
+//! `cargo bench -p widget-runtime --bench api [-- SECONDS CONNECTIONS]` (defaults: 5 s, 32)
+//!
+//! Starts private Postgres and Redis servers (testkit) and a screen of 20 widgets of about
+//! 1 KB each, then drives each target with `wrk` (`apt-get install -y wrk`) at a fixed number
+//! of connections and prints one table. Without `wrk` (or with `API_BENCH_GENERATOR=inproc`) a
+//! small in-process HTTP/1.1 keep-alive generator (same connections and duration) is used and
+//! the table says so. Rows:
+//! - core-api, every widget cached (one MGET, bytes spliced into the body);
+//! - baseline: a static axum handler returning the same body bytes (HTTP stack alone);
+//! - baseline: `redis-benchmark` doing the same 20-key MGET (Redis alone, no HTTP);
+//! - core-api, every widget a cache miss: the same 20 widgets as a personalised screen
+//!   (`deals.w-N:{user}`), each request for a random one of 2000 users, on a second API whose
+//!   `fallbackTtl` is 1 ms, so a back-fill is gone long before the same user comes round again.
+//!   Each request does the MGET (all nil), one Postgres query for the 20 keys and the back-fill
+//!   script. The caption reports the miss ratio and Postgres queries per request measured from
+//!   that API's own metrics, so the row says what it really measured.
+//!
+//! Everything shares this machine's cores with the load generator, so compare rows of one run.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use testkit::{PgServer, RedisServer};
+use tokio_util::sync::CancellationToken;
+use widget_runtime::admin::Readiness;
+use widget_runtime::api;
+use widget_runtime::cache::{Cache, CacheWrite, widget_json};
+use widget_runtime::config::Config;
+use widget_runtime::store::{self, Change};
+use widget_runtime::{Op, connect};
+
+const WIDGETS: usize = 20;
+/// Users of the personalised (all-miss) screen: enough that two requests rarely share keys.
+const USERS: usize = 2000;
+
+struct Row {
+    name: String,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn config(prefix: &str, fallback_ttl: &str) -> Config {
+    let keys: Vec<String> = (0..WIDGETS).map(|i| format!("\"deals.w-{i}\"")).collect();
+    let personal: Vec<String> = (0..WIDGETS)
+        .map(|i| format!("\"deals.w-{i}:{{user}}\""))
+        .collect();
+    Config::from_yaml_str(&format!(
+        "pipeline: bench\ncache: {{keyPrefix: \"{prefix}\", fallbackTtl: {fallback_ttl}}}\n\
+         sources: [{{name: deals}}]\nscreens: [{{name: home, widgets: [{}]}}, {{name: me, widgets: [{}]}}]\n",
+        keys.join(", "),
+        personal.join(", ")
+    ))
+    .expect("bench config")
+}
+
+/// Where a request goes: one fixed path, or `?user=` a random one of [`USERS`] per request.
+#[derive(Clone)]
+enum Target {
+    Fixed(String),
+    RandomUser(String),
+}
+
+impl Target {
+    fn url(&self) -> &str {
+        match self {
+            Target::Fixed(u) | Target::RandomUser(u) => u,
+        }
+    }
+}
+
+fn content(i: usize) -> String {
+    // About 1 KB of JSON per widget.
+    let items: Vec<_> = (0..6)
+        .map(|n| json!({"id": i * 10 + n, "title": format!("Deal {n} of widget {i}"), "subtitle": "Limited offer, while stocks last", "price": "19.99", "badge": "-40%", "image": format!("https://cdn.example.com/img/{i}/{n}.webp")}))
+        .collect();
+    json!({"title": format!("Widget {i}"), "items": items}).to_string()
+}
+
+/// Parses a duration as wrk prints it (`812.00us`, `1.23ms`, `1.01s`) into milliseconds.
+fn wrk_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|v| v * scale)
+}
+
+fn wrk(name: &str, target: &Target, secs: u64, conns: usize) -> Row {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t2",
+        &format!("-c{conns}"),
+        &format!("-d{secs}s"),
+        "--latency",
+    ]);
+    // Kept alive until wrk has run.
+    let script = match target {
+        Target::Fixed(_) => None,
+        Target::RandomUser(url) => {
+            let path = &url[url.find("://").map_or(0, |i| i + 3)..];
+            let path = &path[path.find('/').unwrap_or(path.len())..];
+            let file = tempfile::NamedTempFile::new().expect("wrk script");
+            std::fs::write(
+                file.path(),
+                format!(
+                    "math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))\n\
+                     request = function()\n  \
+                     return wrk.format(nil, \"{path}?user=u\" .. math.random(0, {}))\n\
+                     end\n",
+                    USERS - 1
+                ),
+            )
+            .expect("wrk script");
+            cmd.arg("-s").arg(file.path());
+            Some(file)
+        }
+    };
+    let out = cmd
+        .arg(target.url())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run wrk ({e}); install it: apt-get install -y wrk"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("Non-2xx"),
+        "{name}: errors during the run:\n{text}"
+    );
+    let find = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix).map(str::trim).map(str::to_owned))
+    };
+    let rps = find("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: no Requests/sec in wrk output:\n{text}"));
+    let p = |q: &str| {
+        find(q)
+            .and_then(|v| wrk_ms(&v))
+            .unwrap_or_else(|| panic!("{name}: no {q} latency in wrk output:\n{text}"))
+    };
+    drop(script);
+    Row {
+        name: name.into(),
+        rps,
+        p50_ms: p("50%"),
+        p99_ms: p("99%"),
+    }
+}
+
+/// Which load generator drives the HTTP rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Generator {
+    Wrk,
+    InProcess,
+}
+
+impl Generator {
+    fn pick() -> Self {
+        let forced = std::env::var("API_BENCH_GENERATOR").unwrap_or_default();
+        if forced == "inproc" {
+            return Generator::InProcess;
+        }
+        let has_wrk = Command::new("wrk")
+            .arg("--version")
+            .output()
+            .map(|o| !o.stdout.is_empty() || !o.stderr.is_empty())
+            .unwrap_or(false);
+        if has_wrk {
+            Generator::Wrk
+        } else {
+            eprintln!(
+                "wrk not found (apt-get install -y wrk): using the in-process HTTP/1.1 generator"
+            );
+            Generator::InProcess
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Generator::Wrk => "wrk -t2",
+            Generator::InProcess => "in-process keep-alive HTTP/1.1 generator, 1 thread",
+        }
+    }
+
+    fn run(self, name: &str, target: &Target, secs: u64, conns: usize) -> Row {
+        match self {
+            Generator::Wrk => wrk(name, target, secs, conns),
+            Generator::InProcess => in_process(name, target, secs, conns),
+        }
+    }
+}
+
+/// `conns` keep-alive connections, each sending GET after GET for `secs` seconds, on a runtime
+/// of its own (one thread, like one wrk thread per core would be on this 2-core budget).
+fn in_process(name: &str, target: &Target, secs: u64, conns: usize) -> Row {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let random_user = matches!(target, Target::RandomUser(_));
+    let rest = target.url().strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, path) = (
+        host.to_owned(),
+        if path.is_empty() { "/" } else { path }.to_owned(),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("generator runtime");
+    let (hist, total, elapsed) = rt.block_on(async move {
+        let (path, host) = (Arc::new(path), Arc::new(host));
+        let start = std::time::Instant::now();
+        let deadline = start + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for conn in 0..conns {
+            let (host, path) = (host.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                // A cheap per-connection generator (xorshift) is enough to spread the users.
+                let mut seed = 0x9E37_79B9_7F4A_7C15u64
+                    ^ (conn as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                let mut next_user = move || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed % USERS as u64
+                };
+                let mut hist = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                let mut s = tokio::net::TcpStream::connect(host.as_str())
+                    .await
+                    .expect("connect");
+                s.set_nodelay(true).ok();
+                let mut buf = Vec::with_capacity(64 * 1024);
+                let mut chunk = vec![0u8; 64 * 1024];
+                let mut n = 0u64;
+                while std::time::Instant::now() < deadline {
+                    let request = if random_user {
+                        format!(
+                            "GET {path}?user=u{} HTTP/1.1\r\nHost: {host}\r\n\r\n",
+                            next_user()
+                        )
+                    } else {
+                        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+                    };
+                    let t = std::time::Instant::now();
+                    s.write_all(request.as_bytes()).await.expect("write");
+                    buf.clear();
+                    // Headers, then exactly content-length bytes of body.
+                    let (head_end, body_len) = loop {
+                        let r = s.read(&mut chunk).await.expect("read");
+                        assert!(r > 0, "server closed the connection");
+                        buf.extend_from_slice(&chunk[..r]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            assert!(head.starts_with("http/1.1 2"), "non-2xx: {head}");
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .expect("content-length");
+                            break (i + 4, len);
+                        }
+                    };
+                    while buf.len() < head_end + body_len {
+                        let r = s.read(&mut chunk).await.expect("read");
+                        assert!(r > 0, "server closed the connection");
+                        buf.extend_from_slice(&chunk[..r]);
+                    }
+                    hist.record(t.elapsed().as_micros() as u64).ok();
+                    n += 1;
+                }
+                (hist, n)
+            }));
+        }
+        let mut all = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+        let mut total = 0;
+        for t in tasks {
+            let (h, n) = t.await.expect("generator task");
+            all.add(h).expect("merge");
+            total += n;
+        }
+        (all, total, start.elapsed())
+    });
+    Row {
+        name: name.into(),
+        rps: total as f64 / elapsed.as_secs_f64(),
+        p50_ms: hist.value_at_quantile(0.50) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+    }
+}
+
+/// The API's counters that tell what the miss row really measured.
+#[derive(Default, Clone, Copy)]
+struct MissStats {
+    hits: f64,
+    misses: f64,
+    fallback_reads: f64,
+    requests: f64,
+}
+
+fn miss_stats(metrics: &str) -> MissStats {
+    let sum = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    MissStats {
+        hits: sum("widget_api_cache_hits_total"),
+        misses: sum("widget_api_cache_misses_total"),
+        fallback_reads: sum("widget_api_fallback_reads_total"),
+        requests: sum("widget_api_request_duration_seconds_count"),
+    }
+}
+
+fn redis_benchmark(port: u16, keys: &[String], requests: u64, conns: usize) -> Row {
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-c",
+            &conns.to_string(),
+            "-n",
+            &requests.to_string(),
+            "--csv",
+        ])
+        .arg("MGET")
+        .args(keys);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-benchmark ({e})"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("\"MGET"))
+        .unwrap_or_else(|| panic!("no MGET line in redis-benchmark output:\n{text}"));
+    let cols: Vec<f64> = line
+        .split("\",\"")
+        .skip(1)
+        .filter_map(|c| c.trim_matches('"').parse().ok())
+        .collect();
+    assert!(cols.len() >= 6, "odd redis-benchmark line: {line}");
+    Row {
+        name: "baseline: redis-benchmark MGET of the 20 keys".into(),
+        rps: cols[0],
+        p50_ms: cols[3],
+        p99_ms: cols[5],
+    }
+}
+
+async fn start_api(
+    config: &Config,
+    redis_url: &str,
+    db_url: &str,
+    cancel: &CancellationToken,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let redis = connect::redis_client(redis_url).expect("redis url");
+    let pool = connect::pg_pool(db_url, 16).expect("pool");
+    let (config, cancel) = (config.clone(), cancel.clone());
+    tokio::spawn(async move {
+        api::serve(
+            &config,
+            redis,
+            pool,
+            listener,
+            Registry::default(),
+            Readiness::default(),
+            cancel,
+        )
+        .await
+    });
+    addr
+}
+
+async fn fetch(url: &str) -> (String, Vec<u8>) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-D", "/dev/stderr", url])
+        .output()
+        .await
+        .expect("curl");
+    (
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.stdout,
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let secs: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let conns: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(32);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(secs, conns));
+}
+
+async fn run(secs: u64, conns: usize) {
+    let (pg, redis) = tokio::join!(PgServer::start(), RedisServer::start());
+    let (pg, redis) = (pg.expect("postgres"), redis.expect("redis"));
+    let db_url = pg.fresh_database().await.expect("database");
+    let pool = sqlx::PgPool::connect(&db_url).await.expect("connect");
+    store::migrate(&store::CORE_MIGRATIONS, &pool)
+        .await
+        .expect("migrate");
+
+    let hit = config("hw:bench:", "1h");
+    let miss = config("hw:bench-miss:", "1ms");
+    let changes: Vec<Change> = (0..WIDGETS)
+        .map(|i| Change {
+            widget_key: format!("deals.w-{i}"),
+            widget_type: "carousel".into(),
+            source: "deals".into(),
+            data_version: 1,
+            op: Op::Upsert,
+            content: Some(content(i)),
+        })
+        .collect();
+    store::apply_batch(&pool, &changes).await.expect("store");
+    // The personalised copies for the all-miss row: 20 rows per user.
+    for users in (0..USERS).collect::<Vec<_>>().chunks(100) {
+        let personal: Vec<Change> = users
+            .iter()
+            .flat_map(|u| {
+                changes.iter().map(move |c| Change {
+                    widget_key: format!("{}:u{u}", c.widget_key),
+                    ..c.clone()
+                })
+            })
+            .collect();
+        store::apply_batch(&pool, &personal)
+            .await
+            .expect("store personalised");
+    }
+    let jsons: Vec<Vec<u8>> = changes
+        .iter()
+        .map(|c| {
+            widget_json(
+                &c.widget_key,
+                &c.widget_type,
+                1,
+                c.content.as_deref().unwrap_or("{}").as_bytes(),
+            )
+        })
+        .collect();
+    let writes: Vec<CacheWrite<'_>> = changes
+        .iter()
+        .zip(&jsons)
+        .map(|(c, j)| CacheWrite {
+            widget_key: &c.widget_key,
+            version: 1,
+            json: Some(j),
+            ttl: Duration::from_secs(3600),
+        })
+        .collect();
+    let cache = Cache::new(hit.key_prefix());
+    let mut conn = redis.connection().await.expect("redis");
+    cache.write_many(&mut conn, &writes).await.expect("cache");
+    let avg = jsons.iter().map(Vec::len).sum::<usize>() / WIDGETS;
+
+    let cancel = CancellationToken::new();
+    let hit_addr = start_api(&hit, &redis.url(), &db_url, &cancel).await;
+    let miss_addr = start_api(&miss, &redis.url(), &db_url, &cancel).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (headers, body) = fetch(&format!("http://{hit_addr}/v1/screens/home")).await;
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("x-widget-source: cache"),
+        "the hit path serves from the cache: {headers}"
+    );
+    let (headers, _) = fetch(&format!("http://{miss_addr}/v1/screens/me?user=u0")).await;
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("x-widget-source: database"),
+        "the miss path serves from Postgres: {headers}"
+    );
+    let body_len = body.len();
+
+    let static_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let static_addr = static_listener.local_addr().expect("addr").to_string();
+    let static_body = bytes::Bytes::from(body);
+    let app = Router::new().route(
+        "/v1/screens/home",
+        get(move || {
+            let b = static_body.clone();
+            async move { ([("content-type", "application/json")], b) }
+        }),
+    );
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        axum::serve(static_listener, app)
+            .with_graceful_shutdown(async move { c.cancelled().await })
+            .await
+    });
+
+    let keys: Vec<String> = changes.iter().map(|c| cache.key(&c.widget_key)).collect();
+    let mut rows = Vec::new();
+    let (secs_c, conns_c) = (secs, conns);
+    let hit_url = Target::Fixed(format!("http://{hit_addr}/v1/screens/home"));
+    let static_url = Target::Fixed(format!("http://{static_addr}/v1/screens/home"));
+    let miss_url = Target::RandomUser(format!("http://{miss_addr}/v1/screens/me"));
+    let port = redis.port();
+    let generator = Generator::pick();
+    let miss_metrics = format!("http://{miss_addr}/metrics");
+    let before = miss_stats(&String::from_utf8_lossy(&fetch(&miss_metrics).await.1));
+    // The generators block; run them off the runtime that serves the requests.
+    let (measured, miss_metrics) = tokio::task::spawn_blocking(move || {
+        // Warm-up (connections, prepared statements, allocator).
+        let _ = generator.run("warm-up", &hit_url, 1, conns_c);
+        let rows = vec![
+            generator.run("core-api, all 20 cached", &hit_url, secs_c, conns_c),
+            generator.run(
+                "baseline: static axum handler, same bytes",
+                &static_url,
+                secs_c,
+                conns_c,
+            ),
+            redis_benchmark(port, &keys, 100_000, conns_c),
+            generator.run(
+                "core-api, all 20 missed (Postgres + back-fill)",
+                &miss_url,
+                secs_c,
+                conns_c,
+            ),
+        ];
+        (rows, miss_metrics)
+    })
+    .await
+    .expect("load generator");
+    rows.extend(measured);
+    let after = miss_stats(&String::from_utf8_lossy(&fetch(&miss_metrics).await.1));
+    cancel.cancel();
+
+    let rps_of = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map_or(f64::NAN, |r| r.rps)
+    };
+    let (axum_rps, mget_rps) = (rps_of("baseline: static"), rps_of("baseline: redis"));
+    println!();
+    println!(
+        "core-api screen of {WIDGETS} widgets (~{avg} B each, body {body_len} B), {conns} connections, {secs} s per HTTP row ({})",
+        generator.label()
+    );
+    println!(
+        "{:<48} {:>10} {:>9} {:>9} {:>11} {:>11}",
+        "target", "req/s", "p50 ms", "p99 ms", "vs axum", "vs MGET"
+    );
+    for r in &rows {
+        println!(
+            "{:<48} {:>10.0} {:>9.3} {:>9.3} {:>10.2}x {:>10.2}x",
+            r.name,
+            r.rps,
+            r.p50_ms,
+            r.p99_ms,
+            r.rps / axum_rps,
+            r.rps / mget_rps
+        );
+    }
+    let (hits, misses) = (after.hits - before.hits, after.misses - before.misses);
+    let requests = (after.requests - before.requests).max(1.0);
+    let reads = after.fallback_reads - before.fallback_reads;
+    println!(
+        "vs axum / vs MGET: req/s as a multiple of the static axum handler (the HTTP stack alone) \
+         and of redis-benchmark's 20-key MGET (Redis alone), same machine, same run."
+    );
+    println!(
+        "miss row, from the miss API's metrics: {:.1}% of {:.0} key lookups missed the cache; \
+         {:.0} Postgres queries for {:.0} requests ({:.2} per request; concurrent misses of the \
+         same keys share one query, by design)",
+        100.0 * misses / (hits + misses).max(1.0),
+        hits + misses,
+        reads,
+        requests,
+        reads / requests
+    );
+    pool.close().await;
+    drop(pg);
+    drop(redis);
+}
