@@ -182,6 +182,10 @@ pub struct ReclaimSpec {
     /// Deliveries after which an entry is dead-lettered.
     #[schemars(range(min = 1, max = 1000))]
     pub max_deliveries: u32,
+    /// Group consumers (ingester pods) with nothing pending and idle this long are removed
+    /// from the consumer group; at least 1m.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub idle_consumer_ttl: String,
 }
 
 impl Default for ReclaimSpec {
@@ -190,6 +194,7 @@ impl Default for ReclaimSpec {
             min_idle: "30s".into(),
             interval: "15s".into(),
             max_deliveries: 5,
+            idle_consumer_ttl: "1h".into(),
         }
     }
 }

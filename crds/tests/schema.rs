@@ -206,7 +206,7 @@ fn defaults_in_the_schema_match_the_runtime() {
     assert_eq!(source["pollInterval"]["default"], "250ms");
     assert_eq!(
         spec["reclaim"]["default"],
-        json!({"minIdle": "30s", "interval": "15s", "maxDeliveries": 5})
+        json!({"minIdle": "30s", "interval": "15s", "maxDeliveries": 5, "idleConsumerTtl": "1h"})
     );
     assert_eq!(
         spec["cache"]["default"],

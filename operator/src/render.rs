@@ -102,6 +102,10 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
             min_idle: duration("reclaim.minIdle", &spec.reclaim.min_idle)?,
             interval: duration("reclaim.interval", &spec.reclaim.interval)?,
             max_deliveries: spec.reclaim.max_deliveries,
+            idle_consumer_ttl: duration(
+                "reclaim.idleConsumerTtl",
+                &spec.reclaim.idle_consumer_ttl,
+            )?,
         },
         sources: spec
             .sources

@@ -174,6 +174,18 @@ struct Run {
     metrics: Arc<Metrics>,
 }
 
+impl Run {
+    /// The object applied at `path` in this run, as the API server would return it later.
+    fn stored(&self, path: &str) -> Value {
+        let s = self
+            .seen
+            .iter()
+            .find(|s| s.path.ends_with(path))
+            .unwrap_or_else(|| panic!("{path} was not applied"));
+        as_stored(s.body.clone())
+    }
+}
+
 async fn run(wp: WidgetPipeline, script: Vec<Step>) -> Run {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(serve(handle, script));
@@ -452,15 +464,8 @@ async fn first_apply_creates_every_child_with_one_field_manager_and_writes_statu
 async fn second_pass_with_nothing_changed_writes_nothing() {
     let redis = RedisServer::start().await.expect("redis");
     let first = first_pass(&redis.url()).await;
-    first.result.expect("first pass");
-    let stored = |path: &str| {
-        let s = first
-            .seen
-            .iter()
-            .find(|s| s.path.ends_with(path))
-            .expect("applied in the first pass");
-        as_stored(s.body.clone())
-    };
+    assert!(first.result.is_ok(), "first pass: {:?}", first.result);
+    let stored = |path: &str| first.stored(path);
     let deployments = vec![
         stored("/deployments/home-outbox-deals"),
         stored("/deployments/home-ingester"),
@@ -496,15 +501,8 @@ async fn second_pass_with_nothing_changed_writes_nothing() {
 async fn drift_in_an_owned_field_is_applied_again() {
     let redis = RedisServer::start().await.expect("redis");
     let first = first_pass(&redis.url()).await;
-    first.result.expect("first pass");
-    let stored = |path: &str| {
-        let s = first
-            .seen
-            .iter()
-            .find(|s| s.path.ends_with(path))
-            .expect("applied");
-        as_stored(s.body.clone())
-    };
+    assert!(first.result.is_ok(), "first pass: {:?}", first.result);
+    let stored = |path: &str| first.stored(path);
     let mut edited = stored("/deployments/home-ingester");
     edited["spec"]["template"]["spec"]["containers"][0]["image"] = json!("someone/else:latest");
     let mut wp = pipeline();
@@ -535,15 +533,8 @@ async fn drift_in_an_owned_field_is_applied_again() {
 async fn deployments_of_removed_sources_are_pruned_and_foreign_ones_kept() {
     let redis = RedisServer::start().await.expect("redis");
     let first = first_pass(&redis.url()).await;
-    first.result.expect("first pass");
-    let stored = |path: &str| {
-        let s = first
-            .seen
-            .iter()
-            .find(|s| s.path.ends_with(path))
-            .expect("applied");
-        as_stored(s.body.clone())
-    };
+    assert!(first.result.is_ok(), "first pass: {:?}", first.result);
+    let stored = |path: &str| first.stored(path);
     let mut removed = stored("/deployments/home-outbox-deals");
     removed["metadata"]["name"] = json!("home-outbox-loyalty");
     let mut foreign = removed.clone();

@@ -31,7 +31,7 @@ use testkit::{PgServer, RedisServer};
 use tokio_util::sync::CancellationToken;
 use widget_runtime::admin::Readiness;
 use widget_runtime::api;
-use widget_runtime::cache::{Cache, CacheWrite, widget_json};
+use widget_runtime::cache::{Cache, CacheWrite};
 use widget_runtime::config::Config;
 use widget_runtime::store::{self, Change};
 use widget_runtime::{Op, connect};
@@ -452,17 +452,7 @@ async fn run(secs: u64, conns: usize) {
             .await
             .expect("store personalised");
     }
-    let jsons: Vec<Vec<u8>> = changes
-        .iter()
-        .map(|c| {
-            widget_json(
-                &c.widget_key,
-                &c.widget_type,
-                1,
-                c.content.as_deref().unwrap_or("{}").as_bytes(),
-            )
-        })
-        .collect();
+    let jsons: Vec<Vec<u8>> = changes.iter().filter_map(Change::widget_json).collect();
     let writes: Vec<CacheWrite<'_>> = changes
         .iter()
         .zip(&jsons)

@@ -103,6 +103,10 @@ pub struct ReclaimConfig {
     #[serde(with = "human_duration")]
     pub interval: Duration,
     pub max_deliveries: u32,
+    /// Consumers of the group with nothing pending that have not read for this long are
+    /// removed, so the group does not collect one consumer per ingester pod ever started.
+    #[serde(with = "human_duration")]
+    pub idle_consumer_ttl: Duration,
 }
 
 impl Default for ReclaimConfig {
@@ -111,6 +115,7 @@ impl Default for ReclaimConfig {
             min_idle: Duration::from_secs(30),
             interval: Duration::from_secs(15),
             max_deliveries: 5,
+            idle_consumer_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -238,6 +243,14 @@ impl Config {
         positive("reclaim.interval", self.reclaim.interval)?;
         if self.reclaim.max_deliveries == 0 {
             return Err(invalid("reclaim.maxDeliveries", "must be at least 1"));
+        }
+        // A live ingester reads at least every few seconds; a shorter TTL could remove one
+        // between two reads (harmless, it comes back, but noisy).
+        if self.reclaim.idle_consumer_ttl < Duration::from_secs(60) {
+            return Err(invalid(
+                "reclaim.idleConsumerTtl",
+                "must be at least 1m (consumers idle this long with nothing pending are removed)",
+            ));
         }
         if self.sources.is_empty() {
             return Err(invalid("sources", "at least one source is required"));
@@ -399,7 +412,7 @@ mod tests {
 pipeline: home
 stream: {name: home.widget-events, consumerGroup: core-ingester, maxLength: 1000000}
 cache: {keyPrefix: "hw:home:", ingestTtl: 7d, fallbackTtl: 1h}
-reclaim: {minIdle: 30s, interval: 15s, maxDeliveries: 5}
+reclaim: {minIdle: 30s, interval: 15s, maxDeliveries: 5, idleConsumerTtl: 1h}
 sources:
   - {name: deals, outboxTable: widget_outbox, batchSize: 500, pollInterval: 250ms}
 screens:
@@ -465,6 +478,11 @@ screens:
         assert!(e.contains("sources[0].batchSize"), "{e}");
         let e = err("pipeline: home\nreclaim: {minIdle: 0s}\nsources: [{name: deals}]\n");
         assert!(e.contains("reclaim.minIdle"), "{e}");
+        let e = err("pipeline: home\nreclaim: {idleConsumerTtl: 10s}\nsources: [{name: deals}]\n");
+        assert!(
+            e.contains("reclaim.idleConsumerTtl") && e.contains("at least 1m"),
+            "{e}"
+        );
         let e = err(
             "pipeline: home\nsources: [{name: deals}]\nscreens: [{name: home, widgets: [\"nodot\"]}]\n",
         );

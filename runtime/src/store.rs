@@ -44,6 +44,20 @@ pub struct Change {
     pub content: Option<String>,
 }
 
+impl Change {
+    /// The widget object the cache holds for this change; `None` for a delete.
+    pub fn widget_json(&self) -> Option<Vec<u8>> {
+        self.content.as_ref().map(|content| {
+            crate::cache::widget_json(
+                &self.widget_key,
+                &self.widget_type,
+                self.data_version,
+                content.as_bytes(),
+            )
+        })
+    }
+}
+
 /// A change that won the version guard and is now the stored state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {

@@ -11,7 +11,7 @@ use testkit::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use widget_runtime::admin::Readiness;
-use widget_runtime::cache::{Cache, CacheWrite, decode_value, widget_json};
+use widget_runtime::cache::{Cache, CacheWrite, decode_value};
 use widget_runtime::store::{self, Change};
 use widget_runtime::{Op, Outbox, WidgetEvent, api, dev};
 
@@ -112,19 +112,7 @@ async fn store_widgets(stack: &Stack, changes: &[Change]) {
 /// Writes widgets into the cache exactly as the ingester does (long TTL).
 async fn cache_widgets(stack: &Stack, changes: &[Change]) -> Vec<bool> {
     let cache = Cache::new(stack.config.key_prefix());
-    let jsons: Vec<Option<Vec<u8>>> = changes
-        .iter()
-        .map(|c| {
-            c.content.as_ref().map(|content| {
-                widget_json(
-                    &c.widget_key,
-                    &c.widget_type,
-                    c.data_version,
-                    content.as_bytes(),
-                )
-            })
-        })
-        .collect();
+    let jsons: Vec<Option<Vec<u8>>> = changes.iter().map(Change::widget_json).collect();
     let writes: Vec<CacheWrite<'_>> = changes
         .iter()
         .zip(&jsons)

@@ -21,7 +21,7 @@ use widget_runtime::admin::Readiness;
 use widget_runtime::cache::{self, Cache, CacheWrite, Cached};
 use widget_runtime::config::Config;
 use widget_runtime::event::Op;
-use widget_runtime::ingest::{IngestError, Ingester, consumer};
+use widget_runtime::ingest::{IngestError, Ingester, consumer, consumers};
 use widget_runtime::stats;
 use widget_runtime::stream::StreamEvent;
 
@@ -37,6 +37,16 @@ struct Running {
 
 impl Running {
     fn start(stack: &Stack, consumer: &str, batch_size: usize) -> Self {
+        Self::start_with(stack, consumer, batch_size, |i| i)
+    }
+
+    /// Like `start`, with `tune` adjusting the ingester before it runs.
+    fn start_with(
+        stack: &Stack,
+        consumer: &str,
+        batch_size: usize,
+        tune: impl FnOnce(Ingester) -> Ingester,
+    ) -> Self {
         let mut registry = Registry::default();
         let readiness = Readiness::default();
         let ingester = Ingester::new(
@@ -49,6 +59,7 @@ impl Running {
         )
         .with_stats_interval(Duration::from_millis(100))
         .with_batch_size(batch_size);
+        let ingester = tune(ingester);
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(ingester.run(cancel.clone()));
         Running {
@@ -157,9 +168,26 @@ async fn wait_drained(conn: &mut MultiplexedConnection, config: &Config) {
     assert!(drained.is_some(), "group never drained: {state:?}");
 }
 
-async fn stats_field(conn: &mut MultiplexedConnection, config: &Config, field: &str) -> i64 {
-    let v: Option<i64> = conn.hget(config.stats_key(), field).await.expect("hget");
-    v.unwrap_or(0)
+/// Waits until the pipeline's stats hash holds `expected` (field, value) pairs; false on timeout.
+async fn stats_reach(
+    conn: &MultiplexedConnection,
+    config: &Config,
+    expected: &[(&str, i64)],
+) -> bool {
+    eventually(WAIT, || {
+        let (mut c, key) = (conn.clone(), config.stats_key());
+        async move {
+            for (field, want) in expected {
+                let v: Option<i64> = c.hget(&key, *field).await.ok()?;
+                if v.unwrap_or(0) != *want {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await
+    .is_some()
 }
 
 // 1 -------------------------------------------------------------------------------------------
@@ -426,17 +454,9 @@ async fn entries_of_a_consumer_that_died_before_ack_are_reclaimed_and_applied() 
     assert_eq!(survivor.metric("widget_ingest_reclaimed_total"), 20.0);
     assert_eq!(survivor.metric("widget_ingest_applied_total"), 20.0);
     // The counters reach the pipeline's stats hash for the operator.
-    let flushed = eventually(WAIT, || {
-        let (mut c, config) = (conn.clone(), stack.config.clone());
-        async move {
-            (stats_field(&mut c, &config, stats::field::RECLAIMED).await == 20
-                && stats_field(&mut c, &config, stats::field::APPLIED).await == 20)
-                .then_some(())
-        }
-    })
-    .await;
+    let expected = [(stats::field::RECLAIMED, 20), (stats::field::APPLIED, 20)];
     assert!(
-        flushed.is_some(),
+        stats_reach(&conn, &stack.config, &expected).await,
         "reclaimed and applied totals in the stats hash"
     );
     let p50: Option<i64> = conn
@@ -445,6 +465,142 @@ async fn entries_of_a_consumer_that_died_before_ack_are_reclaimed_and_applied() 
         .expect("hget");
     assert!(p50.is_some(), "ingress lag flushed");
     survivor.stop().await;
+}
+
+/// Consumer names and pending counts, from XINFO CONSUMERS.
+async fn consumers_of(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Vec<(String, i64)> {
+    let infos: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .expect("xinfo consumers");
+    let mut out: Vec<(String, i64)> = infos
+        .into_iter()
+        .map(|info| {
+            let name = redis::from_redis_value_ref::<String>(&info["name"]).expect("name");
+            let pending = redis::from_redis_value_ref::<i64>(&info["pending"]).expect("pending");
+            (name, pending)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn removing_idle_consumers_spares_those_with_pending_entries() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let (stream, group) = (
+        stack.config.stream_name(),
+        stack.config.stream.consumer_group.clone(),
+    );
+    consumer::ensure_group(&mut conn, &stream, &group)
+        .await
+        .expect("group");
+    xadd(
+        &mut conn,
+        &stream,
+        &event("deals", "deals.a", 1, Op::Upsert),
+    )
+    .await;
+    for name in ["gone-empty", "me"] {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(&stream)
+            .arg(&group)
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .expect("create consumer");
+    }
+    let taken = consumer::read_new(
+        &mut conn,
+        &stream,
+        &group,
+        "gone-holding",
+        10,
+        Duration::from_millis(10),
+    )
+    .await
+    .expect("read");
+    assert_eq!(taken.len(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Not idle long enough yet: nobody goes.
+    let removed = consumers::remove_idle(&mut conn, &stream, &group, "me", 60_000)
+        .await
+        .expect("remove");
+    assert!(removed.is_empty(), "{removed:?}");
+    // Idle enough: the empty one goes; the one holding an entry and the caller stay.
+    let removed = consumers::remove_idle(&mut conn, &stream, &group, "me", 50)
+        .await
+        .expect("remove");
+    assert_eq!(removed, vec!["gone-empty".to_string()]);
+    assert_eq!(
+        consumers_of(&mut conn, &stream, &group).await,
+        vec![("gone-holding".to_string(), 1), ("me".to_string(), 0)]
+    );
+}
+
+#[tokio::test]
+async fn a_dead_consumer_is_removed_from_the_group_once_its_entries_are_reclaimed() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let (stream, group) = (
+        stack.config.stream_name(),
+        stack.config.stream.consumer_group.clone(),
+    );
+    consumer::ensure_group(&mut conn, &stream, &group)
+        .await
+        .expect("group");
+    for i in 0..5 {
+        xadd(
+            &mut conn,
+            &stream,
+            &event("deals", &format!("deals.d-{i}"), 1, Op::Upsert),
+        )
+        .await;
+    }
+    // A pod reads and is gone for good (a rollout replaced it under a new name).
+    let taken = consumer::read_new(
+        &mut conn,
+        &stream,
+        &group,
+        "old-pod",
+        10,
+        Duration::from_millis(10),
+    )
+    .await
+    .expect("read");
+    assert_eq!(taken.len(), 5);
+
+    let live = Running::start_with(&stack, "new-pod", 100, |i| {
+        i.with_idle_consumer_ttl(Duration::from_millis(500))
+    });
+    let gone = eventually(WAIT, || {
+        let (mut c, stream, group) = (conn.clone(), stream.clone(), group.clone());
+        async move {
+            let names = consumers_of(&mut c, &stream, &group).await;
+            (names == vec![("new-pod".to_string(), 0)]).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "only the live consumer is left: {:?}",
+        consumers_of(&mut conn, &stream, &group).await
+    );
+    // Its entries were not lost with it: reclaimed and applied first.
+    assert_eq!(live.metric("widget_ingest_reclaimed_total"), 5.0);
+    assert_eq!(live.metric("widget_ingest_applied_total"), 5.0);
+    assert_eq!(live.metric("widget_ingest_consumers_removed_total"), 1.0);
+    live.stop().await;
 }
 
 // 4 -------------------------------------------------------------------------------------------
@@ -526,17 +682,12 @@ sources: [{name: deals}]
         2.0
     );
     assert_eq!(ing.metric("widget_ingest_reclaimed_total"), 0.0);
-    let flushed = eventually(WAIT, || {
-        let (mut c, config) = (conn.clone(), stack.config.clone());
-        async move {
-            (stats_field(&mut c, &config, stats::field::DEAD_LETTERED).await == 2
-                && stats_field(&mut c, &config, stats::field::REJECTED).await == 2)
-                .then_some(())
-        }
-    })
-    .await;
+    let expected = [
+        (stats::field::DEAD_LETTERED, 2),
+        (stats::field::REJECTED, 2),
+    ];
     assert!(
-        flushed.is_some(),
+        stats_reach(&conn, &stack.config, &expected).await,
         "dead-lettered and rejected totals in the stats hash"
     );
     ing.stop().await;

@@ -93,6 +93,13 @@ pub struct ScreenKeys {
     pub needs_user: bool,
 }
 
+/// The two stores the API reads, each behind its own circuit breaker.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Redis,
+    Database,
+}
+
 /// State shared by every request.
 pub struct Shared {
     pub settings: ApiSettings,
@@ -151,6 +158,20 @@ impl Shared {
         let cache = &self.cache;
         self.redis_call(|mut c| async move { cache.write_many(&mut c, writes).await })
             .await
+    }
+
+    fn breaker(&self, store: Store) -> &Breaker {
+        match store {
+            Store::Redis => &self.redis_breaker,
+            Store::Database => &self.db_breaker,
+        }
+    }
+
+    async fn ping(&self, store: Store) -> Result<(), String> {
+        match store {
+            Store::Redis => self.ping_redis().await,
+            Store::Database => self.ping_database().await,
+        }
     }
 
     async fn ping_redis(&self) -> Result<(), String> {
@@ -310,37 +331,17 @@ impl CoreApi {
         let app = self.app(admin_state);
         let shared = self.state.0.clone();
         let background = cancel.child_token();
+        let [redis_prober, db_prober] = [Store::Redis, Store::Database].map(|store| {
+            let (s, c) = (shared.clone(), background.clone());
+            tokio::spawn(async move {
+                let b = s.breaker(store);
+                let interval = s.settings.probe_interval;
+                breaker::run_prober(b, interval, || s.ping(store), || s.update_readiness(), c).await
+            })
+        });
         let tasks = [
-            tokio::spawn({
-                let s = shared.clone();
-                let c = background.clone();
-                async move {
-                    let interval = s.settings.probe_interval;
-                    breaker::run_prober(
-                        &s.redis_breaker,
-                        interval,
-                        || s.ping_redis(),
-                        || s.update_readiness(),
-                        c,
-                    )
-                    .await
-                }
-            }),
-            tokio::spawn({
-                let s = shared.clone();
-                let c = background.clone();
-                async move {
-                    let interval = s.settings.probe_interval;
-                    breaker::run_prober(
-                        &s.db_breaker,
-                        interval,
-                        || s.ping_database(),
-                        || s.update_readiness(),
-                        c,
-                    )
-                    .await
-                }
-            }),
+            redis_prober,
+            db_prober,
             tokio::spawn(flush_stats(shared.clone(), background.clone())),
         ];
         if let Ok(addr) = listener.local_addr() {

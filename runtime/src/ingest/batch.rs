@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::consumer::{self, Entry};
 use super::dead_letter::DeadLetter;
 use super::{Halt, Worker};
-use crate::cache::{CacheWrite, widget_json};
+use crate::cache::CacheWrite;
 use crate::stats;
 use crate::store::{self, Change};
 use crate::stream::StreamEvent;
@@ -195,17 +195,7 @@ impl Worker {
         let jsons: Vec<Option<Vec<u8>>> = outcome
             .to_cache
             .iter()
-            .map(|&i| {
-                let c = &changes[i];
-                c.content.as_ref().map(|content| {
-                    widget_json(
-                        &c.widget_key,
-                        &c.widget_type,
-                        c.data_version,
-                        content.as_bytes(),
-                    )
-                })
-            })
+            .map(|&i| changes[i].widget_json())
             .collect();
         let ttl = self.s.ingest_ttl;
         let writes: Vec<CacheWrite<'_>> = outcome

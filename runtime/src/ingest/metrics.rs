@@ -24,6 +24,8 @@ pub struct IngestMetrics {
     pub db_rejected: Counter,
     /// Pending entries XAUTOCLAIM found already trimmed from the stream.
     pub reclaim_deleted: Counter,
+    /// Consumers removed from the group (gone: nothing pending, idle past `idleConsumerTtl`).
+    pub consumers_removed: Counter,
     /// Times the consumer group had to be created again (Redis lost it).
     pub group_recreated: Counter,
     /// Failed attempts against a store, by store (`redis`, `database`).
@@ -45,6 +47,7 @@ impl IngestMetrics {
             db_rejected: Counter::default(),
             reclaim_deleted: Counter::default(),
             group_recreated: Counter::default(),
+            consumers_removed: Counter::default(),
             errors: Family::default(),
             // 1 ms .. ~65 s
             lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
@@ -91,6 +94,11 @@ impl IngestMetrics {
             "widget_ingest_group_recreated",
             "Times the consumer group was re-created after Redis lost it",
             m.group_recreated.clone(),
+        );
+        registry.register(
+            "widget_ingest_consumers_removed",
+            "Consumers removed from the group: nothing pending and idle past reclaim.idleConsumerTtl",
+            m.consumers_removed.clone(),
         );
         registry.register(
             "widget_ingest_errors",

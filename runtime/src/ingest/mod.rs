@@ -11,6 +11,7 @@
 
 mod batch;
 pub mod consumer;
+pub mod consumers;
 pub mod dead_letter;
 pub mod metrics;
 pub mod reclaim;
@@ -59,6 +60,7 @@ pub struct IngestSettings {
     pub min_idle: Duration,
     pub reclaim_interval: Duration,
     pub max_deliveries: u32,
+    pub idle_consumer_ttl: Duration,
     pub batch_size: usize,
     pub max_block: Duration,
     pub stats_interval: Duration,
@@ -77,6 +79,7 @@ impl IngestSettings {
             min_idle: config.reclaim.min_idle,
             reclaim_interval: config.reclaim.interval,
             max_deliveries: config.reclaim.max_deliveries,
+            idle_consumer_ttl: config.reclaim.idle_consumer_ttl,
             batch_size: DEFAULT_BATCH_SIZE,
             max_block: MAX_BLOCK,
             stats_interval: stats::FLUSH_INTERVAL,
@@ -115,6 +118,13 @@ impl Ingester {
             readiness,
             stats: Arc::new(Stats::new()),
         }
+    }
+
+    /// How long a consumer with nothing pending may be idle before it is removed from the group
+    /// (`reclaim.idleConsumerTtl`; tests use less than the config's 1 minute minimum).
+    pub fn with_idle_consumer_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.idle_consumer_ttl = ttl;
+        self
     }
 
     /// How often counters are flushed to the stats hash (default [`stats::FLUSH_INTERVAL`]).
@@ -216,22 +226,22 @@ impl Links {
     }
 
     fn redis_failed(&mut self, e: &redis::RedisError, what: &str) {
-        self.failures = self.failures.saturating_add(1);
-        self.metrics.error_inc("redis");
-        self.readiness.fail("redis", e.to_string());
-        if self.failures == 1 || self.failures.is_multiple_of(20) {
-            tracing::warn!(error = %e, failures = self.failures, step = what,
-                "Redis step failed; nothing acknowledged, retrying");
-        }
+        self.failed("redis", e, what);
     }
 
     fn db_failed(&mut self, e: &sqlx::Error, what: &str) {
+        self.failed("database", e, what);
+    }
+
+    /// Counts the failure, marks the store not ready and logs the first failure of a run and
+    /// every 20th after it, so a long outage does not flood the log.
+    fn failed(&mut self, store: &'static str, e: &dyn std::fmt::Display, what: &str) {
         self.failures = self.failures.saturating_add(1);
-        self.metrics.error_inc("database");
-        self.readiness.fail("database", e.to_string());
+        self.metrics.error_inc(store);
+        self.readiness.fail(store, e.to_string());
         if self.failures == 1 || self.failures.is_multiple_of(20) {
-            tracing::warn!(error = %e, failures = self.failures, step = what,
-                "database step failed; nothing acknowledged, retrying");
+            tracing::warn!(error = %e, failures = self.failures, store, step = what,
+                "step failed; nothing acknowledged, retrying");
         }
     }
 

@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, Entry, as_text, parse_entries};
+use super::consumers;
 use super::dead_letter::{self, DeadLetter};
 use super::{Halt, Worker};
 use crate::stats;
@@ -163,10 +164,41 @@ impl Worker {
             if !page.claimed.is_empty() {
                 self.handle_claimed(page.claimed, cancel).await?;
             }
-            if page.next == "0-0" || cancel.is_cancelled() {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            if page.next == "0-0" {
+                self.remove_idle_consumers().await;
                 return Ok(());
             }
             cursor = page.next;
+        }
+    }
+
+    /// Removes consumers that are gone (see `consumers`); a failure only waits for the next pass.
+    async fn remove_idle_consumers(&mut self) {
+        let Ok(mut conn) = self.links.manager().await else {
+            return;
+        };
+        let idle_ms = self.s.idle_consumer_ttl.as_millis() as u64;
+        match consumers::remove_idle(
+            &mut conn,
+            &self.s.stream,
+            &self.s.group,
+            &self.consumer,
+            idle_ms,
+        )
+        .await
+        {
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => {
+                self.metrics.consumers_removed.inc_by(removed.len() as u64);
+                tracing::info!(consumers = ?removed, idle_ms,
+                    "removed idle consumers with nothing pending from the group");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove idle consumers; next pass retries")
+            }
         }
     }
 
