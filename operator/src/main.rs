@@ -68,6 +68,10 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
+    // kube's rustls client needs a process-wide crypto provider; naming it here keeps the
+    // client working even if another dependency later enables a second provider (rustls then
+    // refuses to guess). Err only means one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let shutdown = widget_runtime::shutdown::on_signal();
 
     let client = kube::Client::try_default()
