@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config_env::{self, process_env};
 use crate::event::{KeyError, WidgetKey};
 
 /// Longest pipeline/source/screen name accepted; names end up in Kubernetes object names.
@@ -27,6 +28,8 @@ pub enum ConfigError {
     Parse(String),
     #[error("config field `{field}`: {message}")]
     Invalid { field: String, message: String },
+    #[error("config override from the environment: {0}")]
+    Env(String),
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -167,12 +170,40 @@ pub const USER_PLACEHOLDER: &str = "{user}";
 
 impl Config {
     /// Reads, parses and validates a config file.
+    /// Reads the file, applies `WIDGET__...` overrides from the process environment (see
+    /// [`crate::config_env`]) and validates the result.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_yaml_str(&text)
+        Self::from_yaml_str_with_env(&text, process_env())
+    }
+
+    /// Parses a config document, applies the `WIDGET__...` overrides among `vars`, validates.
+    pub fn from_yaml_str_with_env(
+        text: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let overrides = config_env::overrides(vars).map_err(ConfigError::Env)?;
+        if overrides.is_empty() {
+            return Self::from_yaml_str(text);
+        }
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for o in &overrides {
+            config_env::apply(&mut doc, o).map_err(ConfigError::Env)?;
+        }
+        let names: Vec<&str> = overrides.iter().map(|o| o.var.as_str()).collect();
+        let config: Config = serde_yaml::from_value(doc).map_err(|e| {
+            ConfigError::Parse(format!(
+                "{e} (after environment overrides {})",
+                names.join(", ")
+            ))
+        })?;
+        config.validate()?;
+        tracing::info!(overrides = ?names, "config fields overridden from the environment");
+        Ok(config)
     }
 
     /// Parses and validates a config document.
@@ -447,6 +478,51 @@ screens:
         let c = Config::from_yaml_str(FULL).expect("valid");
         let again = Config::from_yaml_str(&c.to_yaml()).expect("round trip");
         assert_eq!(c, again);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_are_applied_then_validated() {
+        let base = "pipeline: home\nsources: [{name: deals}]\n";
+        let c = Config::from_yaml_str_with_env(
+            base,
+            env(&[
+                ("WIDGET__CACHE__FALLBACK_TTL", "30m"),
+                ("WIDGET__SOURCES__DEALS__BATCH_SIZE", "50"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.cache.fallback_ttl, Duration::from_secs(1800));
+        assert_eq!(c.sources[0].batch_size, 50);
+        assert_eq!(c.cache.ingest_ttl, CacheConfig::default().ingest_ttl);
+
+        // A misspelt field fails like in the file, and the message names the variable.
+        let e = Config::from_yaml_str_with_env(base, env(&[("WIDGET__CACHE__FALLBACK_TL", "30m")]))
+            .expect_err("unknown field")
+            .to_string();
+        assert!(
+            e.contains("fallbackTl") && e.contains("WIDGET__CACHE__FALLBACK_TL"),
+            "{e}"
+        );
+        // Values are validated like the file's.
+        let e = Config::from_yaml_str_with_env(base, env(&[("WIDGET__RECLAIM__MIN_IDLE", "0s")]))
+            .expect_err("invalid value")
+            .to_string();
+        assert!(e.contains("reclaim.minIdle"), "{e}");
+        let e = Config::from_yaml_str_with_env(base, env(&[("WIDGET__CACHE__INGEST_TTL", "soon")]))
+            .expect_err("bad duration")
+            .to_string();
+        assert!(
+            e.contains("soon") && e.contains("WIDGET__CACHE__INGEST_TTL"),
+            "{e}"
+        );
     }
 
     fn err(text: &str) -> String {

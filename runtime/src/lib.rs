@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod config_env;
 pub mod connect;
 pub mod dev;
 pub mod event;

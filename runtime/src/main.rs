@@ -254,8 +254,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => {
             let config = match &args.config {
                 Some(path) => load_config(path)?,
-                None => Config::from_yaml_str(dev::SAMPLE_CONFIG)
-                    .context("the built-in sample config")?,
+                None => Config::from_yaml_str_with_env(
+                    dev::SAMPLE_CONFIG,
+                    widget_runtime::config_env::process_env(),
+                )
+                .context("the built-in sample config")?,
             };
             let stores = dev::DevStores {
                 source_database_url: args
