@@ -394,14 +394,7 @@ async fn cache_writes_never_leave_an_older_version_whatever_the_interleaving() {
 #[tokio::test]
 async fn entries_of_a_consumer_that_died_before_ack_are_reclaimed_and_applied() {
     let stack = Stack::start().await;
-    let mut conn = stack.redis_conn().await;
-    let (stream, group) = (
-        stack.config.stream_name(),
-        stack.config.stream.consumer_group.clone(),
-    );
-    consumer::ensure_group(&mut conn, &stream, &group)
-        .await
-        .expect("group");
+    let (mut conn, stream, group) = with_group(&stack).await;
     let keys: Vec<String> = (0..20).map(|i| format!("deals.crash-{i}")).collect();
     for key in &keys {
         xadd(&mut conn, &stream, &event("deals", key, 1, Op::Upsert)).await;
@@ -467,6 +460,19 @@ async fn entries_of_a_consumer_that_died_before_ack_are_reclaimed_and_applied() 
     survivor.stop().await;
 }
 
+/// A connection, the stream and its consumer group, created before any ingester runs.
+async fn with_group(stack: &Stack) -> (MultiplexedConnection, String, String) {
+    let mut conn = stack.redis_conn().await;
+    let (stream, group) = (
+        stack.config.stream_name(),
+        stack.config.stream.consumer_group.clone(),
+    );
+    consumer::ensure_group(&mut conn, &stream, &group)
+        .await
+        .expect("group");
+    (conn, stream, group)
+}
+
 /// Consumer names and pending counts, from XINFO CONSUMERS.
 async fn consumers_of(
     conn: &mut MultiplexedConnection,
@@ -495,14 +501,7 @@ async fn consumers_of(
 #[tokio::test]
 async fn removing_idle_consumers_spares_those_with_pending_entries() {
     let stack = Stack::start().await;
-    let mut conn = stack.redis_conn().await;
-    let (stream, group) = (
-        stack.config.stream_name(),
-        stack.config.stream.consumer_group.clone(),
-    );
-    consumer::ensure_group(&mut conn, &stream, &group)
-        .await
-        .expect("group");
+    let (mut conn, stream, group) = with_group(&stack).await;
     xadd(
         &mut conn,
         &stream,
@@ -551,14 +550,7 @@ async fn removing_idle_consumers_spares_those_with_pending_entries() {
 #[tokio::test]
 async fn a_dead_consumer_is_removed_from_the_group_once_its_entries_are_reclaimed() {
     let stack = Stack::start().await;
-    let mut conn = stack.redis_conn().await;
-    let (stream, group) = (
-        stack.config.stream_name(),
-        stack.config.stream.consumer_group.clone(),
-    );
-    consumer::ensure_group(&mut conn, &stream, &group)
-        .await
-        .expect("group");
+    let (mut conn, stream, group) = with_group(&stack).await;
     for i in 0..5 {
         xadd(
             &mut conn,
