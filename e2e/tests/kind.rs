@@ -180,3 +180,65 @@ async fn operator_runs_the_sample_pipeline() -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+/// The real API server enforces the schema, CEL rules included (the unit tests validate the
+/// same schema with a JSON-schema library, which cannot evaluate CEL).
+#[tokio::test]
+async fn the_api_server_rejects_invalid_pipelines() -> anyhow::Result<()> {
+    if let Some(reason) = skip_reason() {
+        println!("skipping the kind e2e suite: {reason}");
+        return Ok(());
+    }
+    let client = Client::try_default().await?;
+    let pipelines: Api<WidgetPipeline> = Api::namespaced(client, NS);
+    let base = serde_json::to_value(sample()?)?;
+    let cases: [(&str, serde_json::Value, &str); 3] = [
+        (
+            "duplicate source names",
+            json!({"sources": [base["spec"]["sources"][0], base["spec"]["sources"][0]]}),
+            "unique",
+        ),
+        (
+            "a bad duration",
+            json!({"cache": {"ingestTtl": "seven days"}}),
+            "ingestTtl",
+        ),
+        (
+            "a bad source name",
+            json!({"sources": [{"name": "Deals_Service", "database": base["spec"]["sources"][0]["database"]}]}),
+            "name",
+        ),
+    ];
+    for (what, spec_patch, expect) in cases {
+        let mut body = base.clone();
+        body["metadata"] = json!({"name": "invalid", "namespace": NS});
+        if let (Some(spec), Some(patch)) = (body["spec"].as_object_mut(), spec_patch.as_object()) {
+            for (k, v) in patch {
+                spec.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(obj) = body.as_object_mut() {
+            obj.remove("status");
+        }
+        // Dry run: validated in full, never stored.
+        let result = pipelines
+            .patch(
+                "invalid",
+                &PatchParams::apply(MANAGER).force().dry_run(),
+                &Patch::Apply(&body),
+            )
+            .await;
+        match result {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{what}: {status:?}");
+                assert!(
+                    status.message.contains(expect),
+                    "{what}: the message names the problem: {}",
+                    status.message
+                );
+            }
+            other => anyhow::bail!("{what}: expected a 422 from the API server, got {other:?}"),
+        }
+    }
+    Ok(())
+}
