@@ -79,6 +79,19 @@ impl Running {
             .unwrap_or(0.0)
     }
 
+    /// The metric's value once it reaches `want` (counters move just after the Redis or
+    /// Postgres step a test waits on), or its value after a few seconds if it never does.
+    async fn settled_metric(&self, name: &str, want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let value = self.metric(name);
+            if value == want || Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn stop(self) {
         self.cancel.cancel();
         let outcome = tokio::time::timeout(Duration::from_secs(10), self.handle)
@@ -237,6 +250,12 @@ async fn duplicates_and_reordering_through_two_replicas_end_at_the_newest() {
     let handled = |r: &Running| {
         r.metric("widget_ingest_applied_total") + r.metric("widget_ingest_stale_total")
     };
+    // Counters move just after the writes this test waited on: let them settle.
+    let settled = eventually(Duration::from_secs(5), || async {
+        (handled(&a) + handled(&b) >= 160.0).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "160 entries handled in all");
     assert!(
         handled(&a) > 0.0 && handled(&b) > 0.0,
         "both replicas took part: a={} b={}",
@@ -444,8 +463,18 @@ async fn entries_of_a_consumer_that_died_before_ack_are_reclaimed_and_applied() 
             "{key} cached"
         );
     }
-    assert_eq!(survivor.metric("widget_ingest_reclaimed_total"), 20.0);
-    assert_eq!(survivor.metric("widget_ingest_applied_total"), 20.0);
+    assert_eq!(
+        survivor
+            .settled_metric("widget_ingest_reclaimed_total", 20.0)
+            .await,
+        20.0
+    );
+    assert_eq!(
+        survivor
+            .settled_metric("widget_ingest_applied_total", 20.0)
+            .await,
+        20.0
+    );
     // The counters reach the pipeline's stats hash for the operator.
     let expected = [(stats::field::RECLAIMED, 20), (stats::field::APPLIED, 20)];
     assert!(
@@ -589,9 +618,21 @@ async fn a_dead_consumer_is_removed_from_the_group_once_its_entries_are_reclaime
         consumers_of(&mut conn, &stream, &group).await
     );
     // Its entries were not lost with it: reclaimed and applied first.
-    assert_eq!(live.metric("widget_ingest_reclaimed_total"), 5.0);
-    assert_eq!(live.metric("widget_ingest_applied_total"), 5.0);
-    assert_eq!(live.metric("widget_ingest_consumers_removed_total"), 1.0);
+    assert_eq!(
+        live.settled_metric("widget_ingest_reclaimed_total", 5.0)
+            .await,
+        5.0
+    );
+    assert_eq!(
+        live.settled_metric("widget_ingest_applied_total", 5.0)
+            .await,
+        5.0
+    );
+    assert_eq!(
+        live.settled_metric("widget_ingest_consumers_removed_total", 1.0)
+            .await,
+        1.0
+    );
     live.stop().await;
 }
 
@@ -668,12 +709,24 @@ sources: [{name: deals}]
     assert!(stored(&pool, "deals.good-1").await.is_some());
     assert!(stored(&pool, "deals.good-2").await.is_some());
     assert!(stored(&pool, "deals.bad-json").await.is_none());
-    assert_eq!(ing.metric("widget_ingest_rejected_total"), 2.0);
     assert_eq!(
-        ing.metric("widget_ingest_dead_lettered_total{reason=\"undecodable\"}"),
+        ing.settled_metric("widget_ingest_rejected_total", 2.0)
+            .await,
         2.0
     );
-    assert_eq!(ing.metric("widget_ingest_reclaimed_total"), 0.0);
+    assert_eq!(
+        ing.settled_metric(
+            "widget_ingest_dead_lettered_total{reason=\"undecodable\"}",
+            2.0
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        ing.settled_metric("widget_ingest_reclaimed_total", 0.0)
+            .await,
+        0.0
+    );
     let expected = [
         (stats::field::DEAD_LETTERED, 2),
         (stats::field::REJECTED, 2),
@@ -744,12 +797,24 @@ async fn an_entry_the_database_keeps_refusing_is_dead_lettered_after_max_deliver
     );
     wait_drained(&mut conn, &stack.config).await;
     // Processed exactly maxDeliveries times (1 read + 2 reclaims), dead-lettered on the 4th.
-    assert_eq!(ing.metric("widget_ingest_db_rejected_total"), 3.0);
     assert_eq!(
-        ing.metric("widget_ingest_dead_lettered_total{reason=\"max-deliveries\"}"),
+        ing.settled_metric("widget_ingest_db_rejected_total", 3.0)
+            .await,
+        3.0
+    );
+    assert_eq!(
+        ing.settled_metric(
+            "widget_ingest_dead_lettered_total{reason=\"max-deliveries\"}",
+            1.0
+        )
+        .await,
         1.0
     );
-    assert_eq!(ing.metric("widget_ingest_rejected_total"), 0.0);
+    assert_eq!(
+        ing.settled_metric("widget_ingest_rejected_total", 0.0)
+            .await,
+        0.0
+    );
     assert!(stored(&pool, "deals.poison").await.is_none());
     ing.stop().await;
 }
@@ -794,7 +859,11 @@ async fn a_source_cannot_write_another_sources_namespace() {
         "cache untouched"
     );
     assert_eq!(
-        ing.metric("widget_ingest_dead_lettered_total{reason=\"foreign-namespace\"}"),
+        ing.settled_metric(
+            "widget_ingest_dead_lettered_total{reason=\"foreign-namespace\"}",
+            2.0
+        )
+        .await,
         2.0
     );
     ing.stop().await;
@@ -1014,7 +1083,7 @@ async fn delete_then_late_older_upsert_stays_deleted() {
             "tombstone has the ingest TTL: {ttl}"
         );
     }
-    assert!(ing.metric("widget_ingest_stale_total") >= 2.0);
+    assert!(ing.settled_metric("widget_ingest_stale_total", 2.0).await >= 2.0);
     ing.stop().await;
 }
 
@@ -1076,7 +1145,13 @@ async fn redelivery_after_commit_but_before_cache_write_still_fills_the_cache() 
         None,
         "an older event never fills the cache while the DB holds a newer version"
     );
-    assert_eq!(ing.metric("widget_ingest_stale_total"), 2.0);
-    assert_eq!(ing.metric("widget_ingest_applied_total"), 0.0);
+    assert_eq!(
+        ing.settled_metric("widget_ingest_stale_total", 2.0).await,
+        2.0
+    );
+    assert_eq!(
+        ing.settled_metric("widget_ingest_applied_total", 0.0).await,
+        0.0
+    );
     ing.stop().await;
 }

@@ -640,13 +640,22 @@ async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
     );
     enqueue(&pool, &[deal(1), deal(2)]).await;
     wait_for_distinct(&stack, &stack.config.stream_name(), 2).await;
-    let metrics = http_get(&admin, "/metrics", &[]).await.expect("metrics");
-    assert_eq!(metrics.status, 200);
-    let body = metrics.body;
-    assert!(
-        body.contains(r#"widget_outbox_published_total{source="deals"} 2"#),
-        "{body}"
-    );
+    // The counter moves when the batch's transaction commits, a moment after the XADD.
+    let published = eventually(WAIT, || async {
+        http_get(&admin, "/metrics", &[]).await.filter(|m| {
+            m.status == 200
+                && m.body
+                    .contains(r#"widget_outbox_published_total{source="deals"} 2"#)
+        })
+    })
+    .await;
+    let body = match published {
+        Some(m) => m.body,
+        None => panic!(
+            "published_total reaches 2: {:?}",
+            http_get(&admin, "/metrics", &[]).await.map(|m| m.body)
+        ),
+    };
     assert!(
         body.contains("widget_outbox_backlog{source=\"deals\"}"),
         "{body}"
