@@ -639,6 +639,44 @@ async fn a_dead_consumer_is_removed_from_the_group_once_its_entries_are_reclaime
 // 4 -------------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn an_entry_with_thousands_of_fields_is_dead_lettered_not_stuck() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let stream = stack.config.stream_name();
+    // More values than Lua's unpack takes: copying them all would fail the dead-letter script.
+    let fields: Vec<(String, String)> = (0..5000).map(|i| (format!("f{i}"), "x".into())).collect();
+    let huge: String = conn.xadd(&stream, "*", &fields).await.expect("xadd");
+    xadd(
+        &mut conn,
+        &stream,
+        &event("deals", "deals.after-huge", 1, Op::Upsert),
+    )
+    .await;
+    let ing = Running::start(&stack, "pod-h", 100);
+    wait_drained(&mut conn, &stack.config).await;
+
+    let dead = read_stream(&mut conn, &stack.config.dead_letter_stream()).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "{:?}",
+        dead.iter().map(|d| &d.0).collect::<Vec<_>>()
+    );
+    let f = &dead[0].1;
+    assert_eq!(field_str(f, "reason"), "undecodable");
+    assert_eq!(field_str(f, "original_id"), huge);
+    assert_eq!(field_str(f, "f0"), "x");
+    assert!(
+        field_str(f, "truncated_fields").starts_with("5000 fields"),
+        "{}",
+        field_str(f, "truncated_fields")
+    );
+    let pool = stack.pool(&stack.core_url).await;
+    assert!(stored(&pool, "deals.after-huge").await.is_some());
+    ing.stop().await;
+}
+
+#[tokio::test]
 async fn undecodable_entries_are_dead_lettered_at_once_and_the_group_moves_on() {
     // minIdle of a minute: whatever happens here happens on first delivery, not via reclaim.
     let stack = Stack::with_config(

@@ -28,7 +28,15 @@ pub mod field {
     /// The consumer that dead-lettered it.
     pub const CONSUMER: &str = "consumer";
     pub const DEAD_LETTERED_AT_MS: &str = "dead_lettered_at_ms";
+    /// Present when the original entry had more than [`super::MAX_COPIED_FIELDS`] fields.
+    pub const TRUNCATED_FIELDS: &str = "truncated_fields";
 }
+
+/// Original fields copied into a dead letter. The script's XADD passes every field through
+/// Lua's `unpack`, which fails beyond about 8,000 values: an entry with thousands of fields
+/// (only a foreign writer makes one) would otherwise fail its dead-lettering for ever and stall
+/// every replica that reclaims it. Real entries have about a dozen fields.
+pub const MAX_COPIED_FIELDS: usize = 64;
 
 /// Reason for entries delivered more than `reclaim.maxDeliveries` times.
 pub const MAX_DELIVERIES: &str = "max-deliveries";
@@ -72,11 +80,20 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn new(entry: &Entry, reason: &'static str, error: impl Into<String>) -> Self {
+        let mut fields = stream::raw_fields(&entry.fields);
+        let total = fields.len();
+        if total > MAX_COPIED_FIELDS {
+            fields.truncate(MAX_COPIED_FIELDS);
+            fields.push((
+                field::TRUNCATED_FIELDS.into(),
+                format!("{total} fields, the first {MAX_COPIED_FIELDS} kept").into_bytes(),
+            ));
+        }
         Self {
             id: entry.id.clone(),
             reason,
             error: error.into(),
-            fields: stream::raw_fields(&entry.fields),
+            fields,
         }
     }
 
