@@ -376,6 +376,15 @@ fn check_redis_name(field: &str, name: &str) -> Result<(), ConfigError> {
 }
 
 /// Table names go into SQL text, so they must be plain identifiers (optionally schema-qualified).
+/// A name that passed [`check_identifier`], quoted for SQL (`"schema"."table"`), so reserved
+/// words such as `order` or `user` work as table names.
+pub fn quote_identifier(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 pub fn check_identifier(field: &str, name: &str) -> Result<(), ConfigError> {
     let part_ok = |p: &str| {
         !p.is_empty()
@@ -412,8 +421,17 @@ pub mod human_duration {
         parse(&text).map_err(serde::de::Error::custom)
     }
 
-    /// The shortest exact form in one unit, e.g. `7d`, `90s`, `250ms`.
+    /// The shortest exact form in one unit, e.g. `7d`, `90s`, `250ms`, `1500us`. Exact, so a
+    /// config rendered by the operator parses back to the same values.
     pub fn format(d: Duration) -> String {
+        let ns = d.as_nanos();
+        if !ns.is_multiple_of(1_000_000) {
+            return if ns.is_multiple_of(1000) {
+                format!("{}us", ns / 1000)
+            } else {
+                format!("{ns}ns")
+            };
+        }
         let ms = d.as_millis();
         for (unit, size) in [
             ("d", 86_400_000u128),
@@ -567,10 +585,20 @@ screens:
 
     #[test]
     fn durations_format_in_one_unit() {
-        use human_duration::format;
+        use human_duration::{format, parse};
         assert_eq!(format(Duration::from_secs(604_800)), "7d");
         assert_eq!(format(Duration::from_millis(250)), "250ms");
         assert_eq!(format(Duration::from_secs(90)), "90s");
         assert_eq!(format(Duration::from_secs(3600)), "1h");
+        assert_eq!(format(Duration::from_micros(500)), "500us");
+        assert_eq!(format(Duration::from_micros(1500)), "1500us");
+        assert_eq!(format(Duration::from_nanos(1_000_001)), "1000001ns");
+        for d in [
+            Duration::from_micros(1500),
+            Duration::from_nanos(7),
+            Duration::from_millis(1),
+        ] {
+            assert_eq!(parse(&format(d)), Ok(d));
+        }
     }
 }

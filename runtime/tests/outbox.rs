@@ -687,3 +687,32 @@ async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
         "secrets are never logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_table_named_after_a_reserved_word_works() {
+    let stack = Stack::with_config(
+        "pipeline: test\nsources: [{name: deals, outboxTable: order, pollInterval: 50ms}]\n",
+    )
+    .await;
+    let pool = stack.pool(&stack.product_url).await;
+    sqlx::query(r#"CREATE TABLE "order" (LIKE widget_outbox INCLUDING ALL)"#)
+        .execute(&pool)
+        .await
+        .expect("create table order");
+    let outbox = Outbox::with_table("order").expect("a valid identifier");
+    let mut tx = pool.begin().await.expect("begin");
+    outbox
+        .push_all(&mut tx, &[deal(1), deal(2), deal(3)])
+        .await
+        .expect("insert into \"order\"");
+    tx.commit().await.expect("commit");
+
+    let worker = spawn_worker(&stack, "deals");
+    wait_for_distinct(&stack, &stack.config.stream_name(), 3).await;
+    let left: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "order""#)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(left, 0, "relayed rows are deleted");
+    worker.stop().await;
+}

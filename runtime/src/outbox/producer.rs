@@ -2,7 +2,7 @@
 
 use sqlx::{Postgres, Transaction};
 
-use crate::config::check_identifier;
+use crate::config::{check_identifier, quote_identifier};
 use crate::event::{EventError, WidgetEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +102,8 @@ impl Outbox {
             ops.push(e.op.as_str());
             contents.push(content);
         }
-        // The table name is a validated identifier; WITH ORDINALITY keeps ids in input order.
+        // The table name is a validated identifier, quoted for reserved words; WITH ORDINALITY
+        // keeps ids in input order.
         let sql = format!(
             "INSERT INTO {} (widget_key, widget_type, data_version, op, content)
              SELECT k, t, v, o, c::jsonb
@@ -110,7 +111,7 @@ impl Outbox {
                   WITH ORDINALITY AS u(k, t, v, o, c, n)
              ORDER BY n
              RETURNING id",
-            self.table
+            quote_identifier(&self.table)
         );
         let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(&keys)

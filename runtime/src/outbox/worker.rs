@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, SourceConfig, quote_identifier};
 use crate::event::Op;
 use crate::stats::{self, Stats};
 use crate::stream::StreamEvent;
@@ -163,8 +163,8 @@ impl OutboxWorker {
         readiness: Readiness,
     ) -> Self {
         let metrics = WorkerMetrics::register(registry, &settings.source.name);
-        // The table name is a validated identifier (config::check_identifier).
-        let table = &settings.source.outbox_table;
+        // A validated identifier (config::check_identifier), quoted for reserved words.
+        let table = quote_identifier(&settings.source.outbox_table);
         let claim_sql = format!(
             "SELECT id, widget_key, widget_type, data_version, op, content::text AS content,
                     (extract(epoch FROM created_at) * 1000000)::bigint AS produced_at_us
@@ -571,7 +571,10 @@ async fn sample_backlog(
     stats: Arc<Stats>,
     cancel: CancellationToken,
 ) {
-    let sql = format!("SELECT count(*) FROM {}", settings.source.outbox_table);
+    let sql = format!(
+        "SELECT count(*) FROM {}",
+        quote_identifier(&settings.source.outbox_table)
+    );
     let source = settings.source.name.clone();
     loop {
         if let Ok(n) = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.as_str()))
