@@ -30,7 +30,7 @@ use widget_crds::{WidgetPipeline, WidgetPipelineStatus, condition};
 use crate::metrics::Metrics;
 use crate::render::{self, LABEL_PIPELINE, SecretVersions};
 use crate::status::{self, Observed, Problems};
-use crate::{Error, FIELD_MANAGER, Result, probe};
+use crate::{Error, FIELD_MANAGER, Result, probe, quantity};
 
 /// Default period of the live refresh.
 pub const REFRESH: Duration = Duration::from_secs(15);
@@ -145,15 +145,22 @@ pub fn backoff(failures: u32) -> Duration {
 
 /// Whether every field of `desired` is present with the same value in `live` (lists compare
 /// element by element and must have the same length). Fields the apiserver defaulted or other
-/// managers added are ignored.
+/// managers added are ignored; quantities under `resources` compare by value, because the
+/// apiserver rewrites them in canonical form.
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    subset(desired, live, false)
+}
+
+fn subset(desired: &Value, live: &Value, quantities: bool) -> bool {
     match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d
-            .iter()
-            .all(|(k, v)| l.get(k).is_some_and(|lv| is_subset(v, lv))),
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, v)| {
+            l.get(k)
+                .is_some_and(|lv| subset(v, lv, quantities || k == "resources"))
+        }),
         (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| subset(a, b, quantities))
         }
+        (Value::String(d), Value::String(l)) if quantities => quantity::same(d, l),
         (d, l) => d == l,
     }
 }

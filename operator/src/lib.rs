@@ -13,6 +13,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod probe;
+pub mod quantity;
 pub mod render;
 pub mod status;
 

@@ -825,3 +825,25 @@ fn subset_check_ignores_defaults_but_not_changes() {
     assert!(!is_subset(&desired, &json!({"a": 1, "l": [{"x": 1}]})));
     let _ = render::LABEL_PIPELINE;
 }
+
+#[test]
+fn resources_compare_by_value_as_the_apiserver_rewrites_them() {
+    use controller::is_subset;
+    // What the user wrote, and what the apiserver stores for it.
+    let desired = json!({"containers": [{"image": "x", "resources": {
+        "requests": {"cpu": "1000m", "memory": "1024Mi"}, "limits": {"cpu": "0.5"}}}]});
+    let stored = json!({"containers": [{"image": "x", "resources": {
+        "requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "500m"}}}]});
+    assert!(
+        is_subset(&desired, &stored),
+        "no re-apply for the same values"
+    );
+    let changed = json!({"containers": [{"image": "x", "resources": {
+        "requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "500m"}}}]});
+    assert!(!is_subset(&desired, &changed), "a real change is applied");
+    // Only under `resources`: elsewhere strings compare as written.
+    assert!(!is_subset(
+        &json!({"env": [{"value": "1000m"}]}),
+        &json!({"env": [{"value": "1"}]})
+    ));
+}
