@@ -132,6 +132,9 @@ impl Stats {
                 Ok(())
             }
             Err(e) => {
+                // Kept for the next flush. If the transaction did run and only its reply was
+                // lost, these are counted twice: the hash's totals are operational figures for
+                // the status, at-least counts; the Prometheus counters stay exact.
                 for (name, n) in counters {
                     self.add(name, n);
                 }
