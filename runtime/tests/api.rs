@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use support::{HttpResponse, Stack, http_get};
+use support::{HttpResponse, Stack, http_get, http_request};
 use testkit::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -459,6 +459,23 @@ async fn bad_requests_get_the_right_status_and_a_json_error() {
                 .as_str()
                 .is_some_and(|m| !m.is_empty()),
             "{path}"
+        );
+    }
+    // Other methods: 405, still a JSON error, with Allow.
+    for (method, path) in [
+        ("POST", "/v1/widgets?keys=deals.a"),
+        ("DELETE", "/v1/screens/home"),
+    ] {
+        let r = http_request(&api.addr, method, path, &[])
+            .await
+            .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer"));
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.body);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("allow"), Some("GET, HEAD"));
+        assert_eq!(
+            r.json()["error"]["code"],
+            "method_not_allowed",
+            "{method} {path}"
         );
     }
     api.stop().await;

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 use redis::aio::ConnectionManager;
@@ -264,9 +265,20 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/screens/{screen}", get(screens::get_screen))
         .route("/v1/widgets", get(widgets::get_widgets))
+        // Covers the routes above (axum's own 405 has an empty body).
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+async fn method_not_allowed() -> Response {
+    let error = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "only GET (and HEAD) are supported",
+    );
+    ([(header::ALLOW, "GET, HEAD")], error).into_response()
 }
 
 async fn not_found() -> ApiError {

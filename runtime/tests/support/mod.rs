@@ -133,9 +133,21 @@ impl HttpResponse {
 /// A minimal HTTP/1.1 GET over a fresh connection, so tests need no HTTP client crate.
 /// `None` when the server cannot be reached or answers garbage.
 pub async fn http_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> Option<HttpResponse> {
+    http_request(addr, "GET", path, headers).await
+}
+
+/// One HTTP/1.1 request with an empty body; `None` if the server does not answer.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
