@@ -55,6 +55,12 @@ impl RunningApi {
     }
 }
 
+/// The value of one sample in a /metrics text (`name` with its labels).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 async fn start_api(stack: &Stack) -> RunningApi {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -345,6 +351,48 @@ async fn degrades_when_a_store_is_down_and_recovers() {
         api.get("/v1/screens/deals").await.header("x-widget-source"),
         Some("mixed")
     );
+
+    // Redis hangs: the first requests wait out the Redis timeout (250 ms) and open the circuit;
+    // after that no request touches Redis, so none fails on it and none waits for it.
+    stack.redis.pause();
+    let opened = eventually(WAIT, || async {
+        let r = api.get("/v1/screens/home?user=42").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("x-widget-source"), Some("database"));
+        metric(
+            &api.get("/metrics").await.body,
+            "widget_api_circuit_open{store=\"redis\"}",
+        )
+        .filter(|v| *v == 1.0)
+    })
+    .await;
+    assert!(opened.is_some(), "the Redis circuit opens");
+    let errors = |m: &str| metric(m, "widget_api_store_errors_total{store=\"redis\"}");
+    let before = errors(&api.get("/metrics").await.body);
+    let start = Instant::now();
+    for _ in 0..8 {
+        let r = api.get("/v1/screens/home?user=42").await;
+        assert_eq!(r.header("x-widget-source"), Some("database"));
+    }
+    let took = start.elapsed();
+    assert_eq!(
+        errors(&api.get("/metrics").await.body),
+        before,
+        "no request tried Redis while the circuit was open"
+    );
+    // Each of them would take at least the 250 ms Redis timeout if it waited on Redis.
+    assert!(
+        took < Duration::from_millis(8 * 250),
+        "8 requests in {took:?}"
+    );
+    stack.redis.resume();
+    let back = eventually(WAIT, || async {
+        let r = api.get("/v1/screens/deals").await;
+        // The first request's misses were back-filled, so "cache" (or "mixed" if they expired).
+        matches!(r.header("x-widget-source"), Some("cache" | "mixed")).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "the cache is used again when Redis answers");
 
     // Redis down: screens come from Postgres; once the circuit is open no request waits on Redis.
     stack.redis.stop().await;

@@ -510,6 +510,21 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, like a Redis
+    /// that hangs or a network that drops packets. [`RedisServer::resume`] undoes it.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "STOP");
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "CONT");
+        }
+    }
+
     /// Removes saved data, so the next [`start_again`] starts empty (a Redis that lost its data).
     pub fn wipe(&self) {
         let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
