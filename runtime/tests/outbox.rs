@@ -594,7 +594,19 @@ async fn product_database_outage_is_waited_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
-    let stack = Stack::start().await;
+    let mut stack = Stack::start().await;
+    // The test servers trust every login, so the password is ignored by Postgres: it is there
+    // only to be looked for in everything the process writes.
+    const SENTINEL: &str = "leak-sentinel-9f3";
+    let secret_url = stack.product_url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{SENTINEL}@"),
+        1,
+    );
+    assert_ne!(
+        secret_url, stack.product_url,
+        "the URL carries the password"
+    );
     let pool = stack.pool(&stack.product_url).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -617,7 +629,7 @@ async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
         ])
         .arg(&config_path)
         .env("REDIS_URL", stack.redis.url())
-        .env("SOURCE_DATABASE_URL", &stack.product_url)
+        .env("SOURCE_DATABASE_URL", &secret_url)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -665,6 +677,25 @@ async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
         "{body}"
     );
 
+    // Postgres down for a moment: connection errors are logged and reported on /readyz.
+    stack.pg.stop().await;
+    let not_ready = eventually(WAIT, || async {
+        http_get(&admin, "/readyz", &[])
+            .await
+            .filter(|r| r.status == 503)
+    })
+    .await
+    .expect("/readyz turns 503 while Postgres is down");
+    assert!(!not_ready.body.contains(SENTINEL), "{}", not_ready.body);
+    stack.pg.start_again().await.expect("postgres restarts");
+    let ready_again = eventually(WAIT, || async {
+        http_get(&admin, "/readyz", &[])
+            .await
+            .filter(|r| r.status == 200)
+    })
+    .await;
+    assert!(ready_again.is_some(), "ready again after Postgres returns");
+
     let pid = child.id().expect("pid").to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -682,9 +713,11 @@ async fn worker_binary_serves_health_and_metrics_and_stops_on_sigterm() {
             .any(|l| l.starts_with('{') && l.contains("outbox-worker stopped")),
         "{logs}"
     );
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("database"), "the outage was logged: {logs}");
     assert!(
-        !logs.contains(&stack.product_url),
-        "secrets are never logged"
+        !logs.contains(SENTINEL) && !errors.contains(SENTINEL),
+        "secrets are never logged:\n{logs}\n{errors}"
     );
 }
 
