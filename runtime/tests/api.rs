@@ -217,6 +217,27 @@ async fn hits_misses_backfill_and_unknown_keys() {
     assert_eq!(r.header("x-widget-source"), Some("cache"));
     assert_eq!(r.json()["missing"], json!(["deals.unknown"]));
 
+    // The unknown key is cached as absent (version 0, fallback TTL): asking again costs
+    // Postgres nothing ...
+    let (version, ttl) = cached(&stack, "deals.unknown")
+        .await
+        .expect("absent marker cached");
+    assert_eq!(version, 0);
+    assert!(ttl > 3_500_000 && ttl <= 3_600_000, "TTL {ttl} ms");
+    let reads = |m: &str| metric(m, "widget_api_fallback_reads_total");
+    let before = reads(&api.get("/metrics").await.body);
+    for _ in 0..3 {
+        let r = api.get("/v1/widgets?keys=deals.unknown").await;
+        assert_eq!(r.json()["missing"], json!(["deals.unknown"]));
+    }
+    assert_eq!(reads(&api.get("/metrics").await.body), before);
+    // ... and the first real write replaces the marker.
+    let created = [change("deals.unknown", 1, Some(json!({"now": "known"})))];
+    store_widgets(&stack, &created).await;
+    cache_widgets(&stack, &created).await;
+    let r = api.get("/v1/widgets?keys=deals.unknown").await;
+    assert_eq!(r.json()["widgets"][0]["content"], json!({"now": "known"}));
+
     // An explicit list answers in the order asked.
     let r = api
         .get("/v1/widgets?keys=deals.hot-deal,deals.nope,deals.top-picks")

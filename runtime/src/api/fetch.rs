@@ -276,16 +276,21 @@ async fn lead_read(
     }
     let _ = tx.send(Some(result.clone()));
     if let Ok(rows) = result.as_ref() {
-        backfill(&shared, rows).await;
+        backfill(&shared, &keys, rows).await;
     }
 }
 
 /// Writes what Postgres had back to the cache with the short fallback TTL, through the same
 /// version-guarded script as the ingester: a newer cached value is never replaced.
-async fn backfill(shared: &Shared, rows: &HashMap<String, DbRow>) {
-    if rows.is_empty() || !shared.redis_breaker.allows() {
+///
+/// Keys Postgres does not have are cached too, as a version-0 tombstone: otherwise every
+/// request for them (a personalised key of a user without that widget, or made-up keys a
+/// client sends) would be a Postgres query. Any real write has version >= 1 and replaces it.
+async fn backfill(shared: &Shared, keys: &[String], rows: &HashMap<String, DbRow>) {
+    if !shared.redis_breaker.allows() {
         return;
     }
+    let absent = keys.iter().filter(|k| !rows.contains_key(k.as_str()));
     let writes: Vec<CacheWrite<'_>> = rows
         .iter()
         .map(|(key, row)| CacheWrite {
@@ -294,12 +299,32 @@ async fn backfill(shared: &Shared, rows: &HashMap<String, DbRow>) {
             json: row.json.as_deref(),
             ttl: shared.settings.fallback_ttl,
         })
+        .chain(absent.map(|key| CacheWrite {
+            widget_key: key,
+            version: ABSENT_VERSION,
+            json: None,
+            ttl: shared.settings.fallback_ttl,
+        }))
         .collect();
+    if writes.is_empty() {
+        return;
+    }
     match shared.write_cache(&writes).await {
         Ok(won) => {
-            let n = won.iter().filter(|w| **w).count() as u64;
-            shared.metrics.backfilled.inc_by(n);
+            let (mut found, mut absent) = (0, 0);
+            for (w, won) in writes.iter().zip(won) {
+                match (won, w.version == ABSENT_VERSION) {
+                    (true, false) => found += 1,
+                    (true, true) => absent += 1,
+                    (false, _) => {}
+                }
+            }
+            shared.metrics.backfilled.inc_by(found);
+            shared.metrics.absent_cached.inc_by(absent);
         }
         Err(e) => tracing::debug!(error = %e, "back-fill failed"),
     }
 }
+
+/// The version of the marker cached for a key Postgres does not have (below every real one).
+const ABSENT_VERSION: i64 = 0;

@@ -30,6 +30,7 @@ pub struct ApiMetrics {
     /// Requests that joined another request's Postgres read instead of making their own.
     pub coalesced_keys: Counter,
     pub backfilled: Counter,
+    pub absent_cached: Counter,
     pub store_errors: Family<StoreLabels, Counter>,
     /// 1 while a store's circuit breaker is open, else 0.
     pub circuit_open: Family<StoreLabels, Gauge>,
@@ -47,6 +48,7 @@ impl ApiMetrics {
             fallback_keys: Counter::default(),
             coalesced_keys: Counter::default(),
             backfilled: Counter::default(),
+            absent_cached: Counter::default(),
             store_errors: Family::default(),
             circuit_open: Family::default(),
         };
@@ -84,6 +86,11 @@ impl ApiMetrics {
             "widget_api_backfilled",
             "Widgets written back to the cache with the fallback TTL (version-guarded)",
             m.backfilled.clone(),
+        );
+        registry.register(
+            "widget_api_absent_cached",
+            "Keys Postgres does not have, cached as absent with the fallback TTL",
+            m.absent_cached.clone(),
         );
         registry.register(
             "widget_api_store_errors",
