@@ -749,3 +749,33 @@ async fn an_outbox_table_named_after_a_reserved_word_works() {
     assert_eq!(left, 0, "relayed rows are deleted");
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_pipeline_arrives_whole_and_in_order() {
+    let stack = Stack::start().await;
+    let pool = stack.pool(&stack.product_url).await;
+    // 80 widgets of ~60 KB: about 4.8 MB in one claimed batch, more than one pipeline (4 MiB).
+    let big: Vec<WidgetEvent> = (1..=80)
+        .map(|n| {
+            WidgetEvent::upsert(
+                format!("deals.big-{n}"),
+                "deal-card",
+                n,
+                json!({"blob": "x".repeat(60_000)}),
+            )
+        })
+        .collect();
+    let ids = enqueue(&pool, &big).await;
+    let worker = spawn_worker(&stack, "deals");
+    let entries = wait_for_distinct(&stack, &stack.config.stream_name(), 80).await;
+    assert_eq!(outbox_ids(&entries), ids, "every row once, in outbox order");
+    assert_eq!(
+        eventually(WAIT, || async {
+            (outbox_rows(&pool).await == 0).then_some(())
+        })
+        .await,
+        Some(()),
+        "all rows deleted"
+    );
+    worker.stop().await;
+}

@@ -345,46 +345,73 @@ impl OutboxWorker {
             return Ok(Relayed::Empty);
         }
 
-        let mut pipe = redis::pipe();
-        for row in &rows {
-            let parsed_op = Op::parse(&row.op);
-            let event = StreamEvent {
-                event_id: format!("{}:{}", self.settings.source.name, row.id),
-                source: self.settings.source.name.clone(),
-                widget_key: row.widget_key.clone(),
-                widget_type: row.widget_type.clone(),
-                data_version: row.data_version,
-                op: parsed_op.unwrap_or(Op::Upsert),
-                content: row.content.as_ref().map(|c| c.clone().into_bytes()),
-                produced_at_us: row.produced_at_us,
-            };
-            let mut fields = event.to_fields();
-            if parsed_op.is_none() {
-                // A row written around the library with an unknown op: relay it as written so
-                // the ingester dead-letters it with a reason instead of guessing.
-                for f in fields
-                    .iter_mut()
-                    .filter(|(name, _)| *name == crate::stream::field::OP)
-                {
-                    f.1 = row.op.clone().into_bytes();
-                }
+        let entries: Vec<Vec<(&'static str, Vec<u8>)>> =
+            rows.iter().map(|row| self.entry_fields(row)).collect();
+        // One pipeline per few MiB: a whole batch of large widgets in one pipeline could take
+        // longer than the connection's response timeout, fail every time, and never progress.
+        let mut sent = 0;
+        let mut failure = None;
+        for chunk in pipeline_chunks(&entries, MAX_PIPELINE_BYTES) {
+            let mut pipe = redis::pipe();
+            for fields in &entries[chunk.clone()] {
+                pipe.xadd(&self.settings.stream, "*", fields).ignore();
             }
-            pipe.xadd(&self.settings.stream, "*", &fields).ignore();
+            if let Err(e) = pipe.query_async::<()>(redis).await {
+                failure = Some(e);
+                break;
+            }
+            sent = chunk.end;
         }
-        if let Err(e) = pipe.query_async::<()>(redis).await {
+        if let Some(e) = &failure {
             self.readiness.fail("redis", e.to_string());
+        }
+        if sent == 0
+            && let Some(e) = failure
+        {
             // Dropping the transaction rolls the claim back: the rows wait for the next attempt.
             return Err(e.into());
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        // Rows of the pipelines that went through are done; the rest stay in the outbox and
+        // come first in the next claim, so the order is kept.
+        let ids: Vec<i64> = rows[..sent].iter().map(|r| r.id).collect();
         sqlx::query(sqlx::AssertSqlSafe(self.delete_sql.as_str()))
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.metrics.published.inc_by(rows.len() as u64);
-        self.stats.add(stats::field::PUBLISHED, rows.len() as u64);
-        Ok(Relayed::Published(rows.len()))
+        self.metrics.published.inc_by(sent as u64);
+        self.stats.add(stats::field::PUBLISHED, sent as u64);
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(Relayed::Published(sent)),
+        }
+    }
+
+    /// The stream entry for an outbox row.
+    fn entry_fields(&self, row: &OutboxRow) -> Vec<(&'static str, Vec<u8>)> {
+        let parsed_op = Op::parse(&row.op);
+        let event = StreamEvent {
+            event_id: format!("{}:{}", self.settings.source.name, row.id),
+            source: self.settings.source.name.clone(),
+            widget_key: row.widget_key.clone(),
+            widget_type: row.widget_type.clone(),
+            data_version: row.data_version,
+            op: parsed_op.unwrap_or(Op::Upsert),
+            content: row.content.as_ref().map(|c| c.clone().into_bytes()),
+            produced_at_us: row.produced_at_us,
+        };
+        let mut fields = event.to_fields();
+        if parsed_op.is_none() {
+            // A row written around the library with an unknown op: relay it as written so
+            // the ingester dead-letters it with a reason instead of guessing.
+            for f in fields
+                .iter_mut()
+                .filter(|(name, _)| *name == crate::stream::field::OP)
+            {
+                f.1 = row.op.clone().into_bytes();
+            }
+        }
+        fields
     }
 
     fn db_down(&self, e: &sqlx::Error) {
@@ -598,9 +625,47 @@ async fn sample_backlog(
     }
 }
 
+/// Most bytes of stream entries sent in one pipeline.
+const MAX_PIPELINE_BYTES: usize = 4 << 20;
+
+/// Splits entries into consecutive ranges of at most `max_bytes` each (field names and values
+/// counted); an entry larger than that gets a range of its own.
+fn pipeline_chunks(
+    entries: &[Vec<(&'static str, Vec<u8>)>],
+    max_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, fields) in entries.iter().enumerate() {
+        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if i > start && bytes + size > max_bytes {
+            chunks.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        chunks.push(start..entries.len());
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipelines_are_cut_by_size_and_keep_the_order() {
+        let entry = |n: usize| vec![("content", vec![b'x'; n])];
+        let entries: Vec<_> = [400, 400, 300, 2000, 10, 10].map(entry).to_vec();
+        // "content" is 7 bytes: 407 + 407 fits 1000, + 307 does not; the 2007 one is alone.
+        assert_eq!(
+            pipeline_chunks(&entries, 1000),
+            vec![0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(pipeline_chunks(&entries, 1 << 20), vec![0..6]);
+        assert!(pipeline_chunks(&[], 1000).is_empty());
+    }
 
     #[test]
     fn backpressure_limit_leaves_room_for_a_batch() {
