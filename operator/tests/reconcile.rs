@@ -14,9 +14,9 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use testkit::RedisServer;
 use widget_crds::{WidgetPipeline, WidgetPipelineStatus};
+use widget_operator::Error;
 use widget_operator::controller::{self, Context};
 use widget_operator::metrics::Metrics;
-use widget_operator::{Error, render};
 
 const SAMPLE: &str = include_str!("../../manifests/samples/widgetpipeline.yaml");
 const UID: &str = "6f1c1d1e-0000-4000-8000-000000000001";
@@ -607,26 +607,11 @@ async fn paused_pipeline_changes_no_children_and_says_so() {
 #[tokio::test]
 async fn missing_secret_degrades_the_pipeline_with_a_warning() {
     let wp = pipeline();
-    let mut script = vec![
-        step(
-            Method::GET,
-            format!("{NS_PATH}/secrets/core-db"),
-            "",
-            Reply::Json(secret("core-db", "postgres://core")),
-        ),
-        step(
-            Method::GET,
-            format!("{NS_PATH}/secrets/deals-db"),
-            "",
-            Reply::Json(secret("deals-db", "postgres://deals")),
-        ),
-        step(
-            Method::GET,
-            format!("{NS_PATH}/secrets/redis"),
-            "",
-            Reply::NotFound,
-        ),
-    ];
+    let mut script = secret_steps("redis://unused");
+    // The Redis Secret (the last one read) does not exist.
+    if let Some(redis) = script.last_mut() {
+        redis.reply = Reply::NotFound;
+    }
     script.extend(list_steps(vec![], vec![], vec![]));
     script.extend(apply_steps(&["deals"]));
     script.push(event_step());
@@ -823,7 +808,6 @@ fn subset_check_ignores_defaults_but_not_changes() {
         &json!({"a": 1, "l": [{"x": 1}, {"x": 2}], "m": {"k": "v"}})
     ));
     assert!(!is_subset(&desired, &json!({"a": 1, "l": [{"x": 1}]})));
-    let _ = render::LABEL_PIPELINE;
 }
 
 #[test]

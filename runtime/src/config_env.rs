@@ -22,12 +22,19 @@ pub fn process_env() -> impl Iterator<Item = (String, String)> {
     std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
 }
 
-/// One override: the variable, the field path it names (camelCase) and the value.
+/// One override: the variable, its segments as written (`CACHE`, `FALLBACK_TTL`) and the value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Override {
     pub var: String,
-    pub path: Vec<String>,
+    pub segments: Vec<String>,
     pub value: Value,
+}
+
+impl Override {
+    /// The field path it names, camelCase: `["cache", "fallbackTtl"]`.
+    pub fn path(&self) -> Vec<String> {
+        self.segments.iter().map(|s| camel_case(s)).collect()
+    }
 }
 
 /// The overrides among `vars`, in variable-name order (so the result never depends on the
@@ -47,7 +54,7 @@ pub fn overrides(
             ));
         }
         out.push(Override {
-            path: segments.iter().map(|s| camel_case(s)).collect(),
+            segments: segments.iter().map(|s| s.to_string()).collect(),
             value: parse_value(&var, &raw)?,
             var,
         });
@@ -58,9 +65,10 @@ pub fn overrides(
 
 /// Sets the override's field in the parsed config document, creating missing sections.
 pub fn apply(doc: &mut Value, o: &Override) -> Result<(), String> {
+    let path = o.path();
     let mut node = doc;
-    for (i, field) in o.path.iter().enumerate() {
-        let last = i + 1 == o.path.len();
+    for (i, field) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
         if node.is_null() {
             *node = Value::Mapping(Mapping::new());
         }
@@ -74,7 +82,7 @@ pub fn apply(doc: &mut Value, o: &Override) -> Result<(), String> {
                 map.entry(key).or_insert(Value::Null)
             }
             Value::Sequence(items) => {
-                let name = item_name(&o.var, i);
+                let name = item_name(&o.segments[i]);
                 let found = items
                     .iter_mut()
                     .find(|item| item.get("name").and_then(Value::as_str) == Some(name.as_str()));
@@ -82,14 +90,14 @@ pub fn apply(doc: &mut Value, o: &Override) -> Result<(), String> {
                     return Err(format!(
                         "{}: `{}` has no item named `{name}`",
                         o.var,
-                        o.path[..i].join(".")
+                        path[..i].join(".")
                     ));
                 };
                 if last {
                     return Err(format!(
                         "{}: cannot replace a whole item of `{}`; set its fields",
                         o.var,
-                        o.path[..i].join(".")
+                        path[..i].join(".")
                     ));
                 }
                 item
@@ -98,7 +106,7 @@ pub fn apply(doc: &mut Value, o: &Override) -> Result<(), String> {
                 return Err(format!(
                     "{}: `{}` is a value, not a section",
                     o.var,
-                    o.path[..i].join(".")
+                    path[..i].join(".")
                 ));
             }
         };
@@ -124,13 +132,9 @@ fn camel_case(segment: &str) -> String {
     out
 }
 
-/// The list item a segment of the variable names: `LOYALTY_POINTS` -> `loyalty-points`.
-fn item_name(var: &str, index: usize) -> String {
-    var.strip_prefix(PREFIX)
-        .and_then(|rest| rest.split("__").nth(index))
-        .unwrap_or_default()
-        .to_ascii_lowercase()
-        .replace('_', "-")
+/// The list item a segment names: `LOYALTY_POINTS` -> `loyalty-points`.
+fn item_name(segment: &str) -> String {
+    segment.to_ascii_lowercase().replace('_', "-")
 }
 
 fn parse_value(var: &str, raw: &str) -> Result<Value, String> {
@@ -181,9 +185,9 @@ mod tests {
         ]))
         .expect("valid");
         assert_eq!(o.len(), 2);
-        assert_eq!(o[0].path, vec!["cache", "fallbackTtl"]);
+        assert_eq!(o[0].path(), vec!["cache", "fallbackTtl"]);
         assert_eq!(o[0].value, Value::String("30m".into()));
-        assert_eq!(o[1].path, vec!["stream", "maxLength"]);
+        assert_eq!(o[1].path(), vec!["stream", "maxLength"]);
         assert_eq!(o[1].value, Value::Number(2000.into()));
     }
 

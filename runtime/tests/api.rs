@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use support::{HttpResponse, Stack, http_get, http_request};
+use support::{HttpResponse, Stack, http_get, http_request, metric_value as metric};
 use testkit::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -53,12 +53,6 @@ impl RunningApi {
             .expect("api task")
             .expect("api ends cleanly");
     }
-}
-
-/// The value of one sample in a /metrics text (`name` with its labels).
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 async fn start_api(stack: &Stack) -> RunningApi {

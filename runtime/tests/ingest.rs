@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
-use support::{Stack, field_str, read_stream};
+use support::{Stack, field_str, metric_value, read_stream};
 use testkit::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -74,22 +74,17 @@ impl Running {
     fn metric(&self, name: &str) -> f64 {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        metric_value(&text, name).unwrap_or(0.0)
     }
 
     /// The metric's value once it reaches `want` (counters move just after the Redis or
     /// Postgres step a test waits on), or its value after a few seconds if it never does.
     async fn settled_metric(&self, name: &str, want: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let value = self.metric(name);
-            if value == want || Instant::now() >= deadline {
-                return value;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(5), || async {
+            (self.metric(name) == want).then_some(())
+        })
+        .await;
+        self.metric(name)
     }
 
     async fn stop(self) {

@@ -136,6 +136,12 @@ pub async fn http_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> Optio
     http_request(addr, "GET", path, headers).await
 }
 
+/// The value of one sample in a Prometheus text exposition (`name` with its labels).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// One HTTP/1.1 request with an empty body; `None` if the server does not answer.
 pub async fn http_request(
     addr: &str,
