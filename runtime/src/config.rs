@@ -86,6 +86,9 @@ pub struct CacheConfig {
     pub ingest_ttl: Duration,
     #[serde(with = "human_duration")]
     pub fallback_ttl: Duration,
+    /// Widgets per second written when the cache is re-warmed from Postgres after Redis lost
+    /// its data (see `warm`).
+    pub warm_rate: u32,
 }
 
 impl Default for CacheConfig {
@@ -94,6 +97,7 @@ impl Default for CacheConfig {
             key_prefix: None,
             ingest_ttl: Duration::from_secs(7 * 24 * 3600),
             fallback_ttl: Duration::from_secs(3600),
+            warm_rate: 5000,
         }
     }
 }
@@ -133,6 +137,14 @@ pub struct SourceConfig {
     pub batch_size: u32,
     #[serde(default = "default_poll_interval", with = "human_duration")]
     pub poll_interval: Duration,
+    /// Relayed rows are kept until the core side confirms it applied them, so they can be
+    /// replayed if Redis loses the stream. A row still unconfirmed after this long is deleted
+    /// anyway (counted, logged and reported): the bound on growth while the core side is down.
+    #[serde(default = "default_retention", with = "human_duration")]
+    pub retention: Duration,
+    /// The same bound in rows: beyond it the oldest relayed, unconfirmed rows are deleted.
+    #[serde(default = "default_max_retained_rows")]
+    pub max_retained_rows: u64,
 }
 
 fn default_outbox_table() -> String {
@@ -144,6 +156,12 @@ fn default_batch_size() -> u32 {
 fn default_poll_interval() -> Duration {
     Duration::from_millis(250)
 }
+fn default_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_max_retained_rows() -> u64 {
+    1_000_000
+}
 
 impl SourceConfig {
     /// A source with every optional field at its default.
@@ -153,6 +171,8 @@ impl SourceConfig {
             outbox_table: default_outbox_table(),
             batch_size: default_batch_size(),
             poll_interval: default_poll_interval(),
+            retention: default_retention(),
+            max_retained_rows: default_max_retained_rows(),
         }
     }
 }
@@ -240,6 +260,21 @@ impl Config {
             .unwrap_or_else(|| format!("hw:{}:", self.pipeline))
     }
 
+    /// The stream's epoch marker; see [`crate::durability`].
+    pub fn epoch_key(&self) -> String {
+        format!("{}.epoch", self.stream_name())
+    }
+
+    /// The set of outbox ids of `source` whose events the core side has durably applied.
+    pub fn confirmed_key(&self, source: &str) -> String {
+        format!("{}.confirmed.{source}", self.stream_name())
+    }
+
+    /// Re-warm bookkeeping: which epoch the cache was last warmed for, the lock, the cursor.
+    pub fn warm_key(&self, part: &str) -> String {
+        format!("{}.warm.{part}", self.stream_name())
+    }
+
     /// The Redis hash every component flushes its counters to; see [`crate::stats`].
     pub fn stats_key(&self) -> String {
         format!("{}stats", self.key_prefix())
@@ -270,6 +305,9 @@ impl Config {
         }
         positive("cache.ingestTtl", self.cache.ingest_ttl)?;
         positive("cache.fallbackTtl", self.cache.fallback_ttl)?;
+        if self.cache.warm_rate == 0 {
+            return Err(invalid("cache.warmRate", "must be at least 1 widget per second"));
+        }
         positive("reclaim.minIdle", self.reclaim.min_idle)?;
         positive("reclaim.interval", self.reclaim.interval)?;
         if self.reclaim.max_deliveries == 0 {
@@ -303,6 +341,13 @@ impl Config {
                 ));
             }
             positive(&format!("sources[{i}].pollInterval"), source.poll_interval)?;
+            positive(&format!("sources[{i}].retention"), source.retention)?;
+            if source.max_retained_rows == 0 {
+                return Err(invalid(
+                    format!("sources[{i}].maxRetainedRows"),
+                    "must be at least 1",
+                ));
+            }
         }
         let mut seen = HashSet::new();
         for (i, screen) in self.screens.iter().enumerate() {

@@ -4,10 +4,12 @@
 pub mod admin;
 pub mod api;
 pub mod cache;
+pub mod chunk;
 pub mod config;
 pub mod config_env;
 pub mod connect;
 pub mod dev;
+pub mod durability;
 pub mod event;
 pub mod ingest;
 pub mod outbox;
@@ -17,6 +19,7 @@ pub mod stats;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+pub mod warm;
 
 pub use event::{Op, WidgetEvent};
 pub use outbox::Outbox;

@@ -29,6 +29,23 @@ pub mod field {
     pub const INGRESS_LAG_P50_MS: &str = "ingress_lag_p50_ms";
     pub const INGRESS_LAG_P99_MS: &str = "ingress_lag_p99_ms";
     pub const INGRESS_LAG_AT: &str = "ingress_lag_at";
+    /// Gauge prefix: `outbox_retained.<source>` is that source's relayed rows still waiting for
+    /// the core side's confirmation (kept for replay).
+    pub const OUTBOX_RETAINED_PREFIX: &str = "outbox_retained.";
+    /// Gauge prefix: `outbox_retention_capped.<source>` is 1 while that source deletes relayed
+    /// rows that are still unconfirmed because they passed `retention` or `maxRetainedRows`.
+    pub const OUTBOX_RETENTION_CAPPED_PREFIX: &str = "outbox_retention_capped.";
+    /// Relayed, unconfirmed rows deleted by the retention cap (all sources).
+    pub const RETENTION_EXPIRED: &str = "retention_expired";
+    /// Rows published again after Redis lost data (all sources).
+    pub const REPLAYED: &str = "replayed";
+    /// Times a component found the stream epoch gone or changed and started a new one.
+    pub const REDIS_LOSS_DETECTED: &str = "redis_loss_detected";
+    /// Gauge: 1 when Redis' `maxmemory-policy` can evict the stream (`allkeys-*`).
+    pub const REDIS_EVICTION_UNSAFE: &str = "redis_eviction_unsafe";
+    /// Widgets written to the cache by re-warms, and a gauge that is 1 while one runs.
+    pub const WARM_WRITTEN: &str = "warm_written";
+    pub const WARM_ACTIVE: &str = "warm_active";
     /// Unix ms of the last flush by any component.
     pub const UPDATED_AT: &str = "updated_at";
 }

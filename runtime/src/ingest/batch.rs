@@ -1,5 +1,6 @@
 //! One batch: decode, dead-letter the bad entries, apply the rest with one version-guarded
-//! UPSERT, cache what is now stored, then acknowledge.
+//! UPSERT, cache what is now stored, then acknowledge, confirming each entry's outbox row to its
+//! worker in the same MULTI as the XACK (after the commit, so a confirmation is always true).
 //!
 //! Each store step is retried on its own until it succeeds, so a step that already succeeded is
 //! never repeated (a dead letter is not written twice, a win is not recounted as stale).
@@ -19,6 +20,7 @@ use super::consumer::{self, Entry};
 use super::dead_letter::DeadLetter;
 use super::{Halt, Worker};
 use crate::cache::CacheWrite;
+use crate::durability::{self, Confirmations};
 use crate::stats;
 use crate::store::{self, Change};
 use crate::stream::StreamEvent;
@@ -29,6 +31,8 @@ pub(super) struct Valid {
     pub id: String,
     pub change: Change,
     pub produced_at_us: i64,
+    /// The outbox row it came from, when a worker of its source relayed it.
+    pub outbox_id: Option<i64>,
 }
 
 /// Decodes one entry, or says why it must be dead-lettered.
@@ -46,6 +50,7 @@ pub(super) fn decode(entry: &Entry) -> Result<Valid, (&'static str, String)> {
     Ok(Valid {
         id: entry.id.clone(),
         produced_at_us: ev.produced_at_us,
+        outbox_id: durability::outbox_id(&ev.event_id, &ev.source),
         change: Change {
             widget_key: ev.widget_key,
             widget_type: ev.widget_type,
@@ -227,10 +232,19 @@ impl Worker {
             .collect();
         if !acked.is_empty() {
             let ids: Vec<&str> = acked.iter().map(|v| v.id.as_str()).collect();
+            let mut confirms = Confirmations::default();
+            for v in &acked {
+                if let (Some(id), Some(key)) =
+                    (v.outbox_id, self.s.confirmed_keys.get(&v.change.source))
+                {
+                    confirms.add(key.clone(), id);
+                }
+            }
             let (stream, group, ids) = (self.s.stream.as_str(), self.s.group.as_str(), &ids);
+            let confirms = &confirms;
             self.links
                 .redis(cancel, "ack", move |mut conn| async move {
-                    consumer::ack(&mut conn, stream, group, ids).await
+                    consumer::ack_and_confirm(&mut conn, stream, group, ids, confirms).await
                 })
                 .await?;
         }

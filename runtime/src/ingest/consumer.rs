@@ -92,6 +92,28 @@ pub async fn ack<C: ConnectionLike>(
         .await
 }
 
+/// Acknowledges entries and records their confirmations in one MULTI: an entry is never
+/// acknowledged without its outbox row being confirmed (the row would wait for a replay), nor
+/// confirmed while still pending. Retrying after a lost reply repeats both harmlessly.
+pub async fn ack_and_confirm<C: ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    ids: &[&str],
+    confirms: &crate::durability::Confirmations,
+) -> redis::RedisResult<()> {
+    if ids.is_empty() && confirms.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    confirms.add_to(&mut pipe);
+    if !ids.is_empty() {
+        pipe.cmd("XACK").arg(stream).arg(group).arg(ids).ignore();
+    }
+    pipe.query_async(conn).await
+}
+
 /// Entries of an XREADGROUP reply: RESP2 `[[stream, [entry..]]..]`, RESP3 `{stream: [entry..]}`,
 /// or nil when the block time passed.
 pub fn parse_read_reply(reply: Value) -> Vec<Entry> {

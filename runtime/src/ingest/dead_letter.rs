@@ -6,14 +6,18 @@
 //! entry is never lost (it is acknowledged only together with its dead-letter copy) and never
 //! doubled (a retry after a lost reply, or a second replica that reclaimed the same entry, finds
 //! it already acknowledged and writes nothing). A MULTI/EXEC would give the first property but
-//! not the second.
+//! not the second. The same script confirms the entry's outbox row to its worker (see
+//! [`crate::durability`]) together with the XACK: a dead-lettered event is handled, and its row
+//! must not wait in the outbox for a replay.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use redis::Script;
 use redis::aio::ConnectionLike;
 
 use super::consumer::Entry;
+use crate::durability;
 use crate::stats::unix_ms;
 use crate::stream;
 
@@ -41,8 +45,9 @@ pub const MAX_COPIED_FIELDS: usize = 64;
 /// Reason for entries delivered more than `reclaim.maxDeliveries` times.
 pub const MAX_DELIVERIES: &str = "max-deliveries";
 
-/// KEYS[1] stream, KEYS[2] dead-letter stream. ARGV[1] group, ARGV[2] MAXLEN of the dead-letter
-/// stream, then per entry: id, field count n, then n field/value arguments.
+/// KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3..] confirmation sets. ARGV[1] group,
+/// ARGV[2] MAXLEN of the dead-letter stream, then per entry: id, index into KEYS of its
+/// confirmation set (0: none), outbox id, field count n, then n field/value arguments.
 /// Returns per entry 1 if it was moved, 0 if it was no longer pending (nothing written).
 static MOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -51,17 +56,21 @@ local out = {}
 local i = 3
 while i <= #ARGV do
   local id = ARGV[i]
-  local n = tonumber(ARGV[i + 1])
+  local confirm = tonumber(ARGV[i + 1])
+  local n = tonumber(ARGV[i + 3])
   local acked = redis.call('XACK', KEYS[1], ARGV[1], id)
   if acked == 1 then
     local args = {KEYS[2], 'MAXLEN', '~', ARGV[2], '*'}
     for j = 1, n do
-      args[#args + 1] = ARGV[i + 1 + j]
+      args[#args + 1] = ARGV[i + 3 + j]
     end
     redis.call('XADD', unpack(args))
   end
+  if confirm > 0 then
+    redis.call('SADD', KEYS[confirm], ARGV[i + 2])
+  end
   out[#out + 1] = acked
-  i = i + 2 + n
+  i = i + 4 + n
 end
 return out
 "#,
@@ -76,11 +85,23 @@ pub struct DeadLetter {
     pub error: String,
     /// The original fields, verbatim.
     pub fields: Vec<(String, Vec<u8>)>,
+    /// The source and outbox id it names, when it names them (a worker relayed it).
+    pub origin: Option<(String, i64)>,
 }
 
 impl DeadLetter {
     pub fn new(entry: &Entry, reason: &'static str, error: impl Into<String>) -> Self {
         let mut fields = stream::raw_fields(&entry.fields);
+        let text = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        };
+        let origin = text(stream::field::SOURCE).and_then(|source| {
+            let id = durability::outbox_id(text(stream::field::EVENT_ID)?, source)?;
+            Some((source.to_string(), id))
+        });
         let total = fields.len();
         if total > MAX_COPIED_FIELDS {
             fields.truncate(MAX_COPIED_FIELDS);
@@ -94,6 +115,7 @@ impl DeadLetter {
             reason,
             error: error.into(),
             fields,
+            origin,
         }
     }
 
@@ -120,6 +142,8 @@ pub struct DeadLetterTarget<'a> {
     pub dead_stream: &'a str,
     pub max_len: u64,
     pub consumer: &'a str,
+    /// The confirmation set of each source of the pipeline.
+    pub confirmed_keys: &'a HashMap<String, String>,
 }
 
 /// Moves entries in one atomic script call; returns per entry whether this call moved it.
@@ -135,9 +159,28 @@ pub async fn move_entries<C: ConnectionLike>(
     let mut inv = MOVE.prepare_invoke();
     inv.key(target.stream).key(target.dead_stream);
     inv.arg(target.group).arg(target.max_len);
+    let mut confirm_keys: Vec<&str> = Vec::new();
     for l in letters {
         let fields = l.entry_fields(target.consumer, now);
-        inv.arg(&l.id).arg(fields.len() * 2);
+        let (index, outbox_id) = match &l.origin {
+            Some((source, id)) => match target.confirmed_keys.get(source) {
+                Some(key) => {
+                    let key = key.as_str();
+                    let at = match confirm_keys.iter().position(|k| *k == key) {
+                        Some(at) => at,
+                        None => {
+                            confirm_keys.push(key);
+                            inv.key(key);
+                            confirm_keys.len() - 1
+                        }
+                    };
+                    (at + 3, *id)
+                }
+                None => (0, 0),
+            },
+            None => (0, 0),
+        };
+        inv.arg(&l.id).arg(index).arg(outbox_id).arg(fields.len() * 2);
         for (k, v) in fields {
             inv.arg(k).arg(v);
         }

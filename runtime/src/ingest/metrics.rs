@@ -28,6 +28,10 @@ pub struct IngestMetrics {
     pub consumers_removed: Counter,
     /// Times the consumer group had to be created again (Redis lost it).
     pub group_recreated: Counter,
+    /// New stream epochs this ingester started because Redis lost data or restarted.
+    pub loss_detected: Counter,
+    /// 1 when Redis' maxmemory-policy may evict the stream.
+    pub eviction_unsafe: prometheus_client::metrics::gauge::Gauge,
     /// Failed attempts against a store, by store (`redis`, `database`).
     pub errors: Family<Labels, Counter>,
     /// Outbox insert to ACK, in seconds.
@@ -47,6 +51,8 @@ impl IngestMetrics {
             db_rejected: Counter::default(),
             reclaim_deleted: Counter::default(),
             group_recreated: Counter::default(),
+            loss_detected: Counter::default(),
+            eviction_unsafe: Default::default(),
             consumers_removed: Counter::default(),
             errors: Family::default(),
             // 1 ms .. ~65 s
@@ -89,6 +95,16 @@ impl IngestMetrics {
             "widget_ingest_reclaim_deleted",
             "Pending entries found already trimmed from the stream during reclaim",
             m.reclaim_deleted.clone(),
+        );
+        registry.register(
+            "widget_ingest_redis_loss_detected",
+            "New stream epochs started because Redis lost data or restarted",
+            m.loss_detected.clone(),
+        );
+        registry.register(
+            "widget_ingest_redis_eviction_unsafe",
+            "1 when Redis' maxmemory-policy may evict the stream (allkeys-*)",
+            m.eviction_unsafe.clone(),
         );
         registry.register(
             "widget_ingest_group_recreated",

@@ -16,6 +16,7 @@ pub mod dead_letter;
 pub mod metrics;
 pub mod reclaim;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +65,10 @@ pub struct IngestSettings {
     pub batch_size: usize,
     pub max_block: Duration,
     pub stats_interval: Duration,
+    pub epoch_key: String,
+    /// Each source's confirmation set (see [`crate::durability`]).
+    pub confirmed_keys: HashMap<String, String>,
+    pub warm: crate::warm::WarmSettings,
 }
 
 impl IngestSettings {
@@ -83,6 +88,13 @@ impl IngestSettings {
             batch_size: DEFAULT_BATCH_SIZE,
             max_block: MAX_BLOCK,
             stats_interval: stats::FLUSH_INTERVAL,
+            epoch_key: config.epoch_key(),
+            confirmed_keys: config
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), config.confirmed_key(&s.name)))
+                .collect(),
+            warm: crate::warm::WarmSettings::from_config(config),
         }
     }
 }
@@ -93,6 +105,7 @@ pub struct Ingester {
     redis: redis::Client,
     pool: PgPool,
     metrics: IngestMetrics,
+    warm_metrics: crate::warm::WarmMetrics,
     readiness: Readiness,
     stats: Arc<Stats>,
 }
@@ -107,6 +120,7 @@ impl Ingester {
         readiness: Readiness,
     ) -> Self {
         let metrics = IngestMetrics::register(registry);
+        let warm_metrics = crate::warm::WarmMetrics::register(registry);
         readiness.fail("redis", "not connected yet");
         readiness.fail("database", "not connected yet");
         Self {
@@ -115,9 +129,16 @@ impl Ingester {
             redis,
             pool,
             metrics,
+            warm_metrics,
             readiness,
             stats: Arc::new(Stats::new()),
         }
+    }
+
+    /// Re-warm knobs (tests use a short check interval).
+    pub fn with_warm(mut self, f: impl FnOnce(&mut crate::warm::WarmSettings)) -> Self {
+        f(&mut self.settings.warm);
+        self
     }
 
     /// How long a consumer with nothing pending may be idle before it is removed from the group
@@ -170,6 +191,27 @@ impl Ingester {
                     .await
             })
         };
+        let warmer = tokio::spawn(
+            crate::warm::Warmer {
+                settings: self.settings.warm.clone(),
+                epoch_key: self.settings.epoch_key.clone(),
+                stream: self.settings.stream.clone(),
+                group: self.settings.group.clone(),
+                owner: self.consumer.clone(),
+                client: self.redis.clone(),
+                pool: self.pool.clone(),
+                metrics: self.warm_metrics.clone(),
+                stats: self.stats.clone(),
+            }
+            .run(cancel.clone()),
+        );
+        let settings_watch = tokio::spawn(crate::durability::watch_settings(
+            self.redis.clone(),
+            self.metrics.eviction_unsafe.clone(),
+            self.stats.clone(),
+            crate::durability::SETTINGS_INTERVAL,
+            cancel.clone(),
+        ));
         let mut worker = Worker {
             links: Links {
                 client: self.redis.clone(),
@@ -186,12 +228,14 @@ impl Ingester {
             stats: self.stats,
             blocking: None,
             group_ready: false,
-            had_group: false,
+            epoch: None,
         };
         worker.drive(&cancel).await;
         let consumer = worker.consumer.clone();
         drop(worker);
         flusher.await?;
+        warmer.await?;
+        settings_watch.await?;
         tracing::info!(consumer = %consumer, "ingester stopped");
         Ok(())
     }
@@ -341,7 +385,8 @@ struct Worker {
     /// The connection of its own for the blocking read.
     blocking: Option<MultiplexedConnection>,
     group_ready: bool,
-    had_group: bool,
+    /// The stream epoch seen last.
+    epoch: Option<String>,
 }
 
 impl Worker {
@@ -396,18 +441,36 @@ impl Worker {
         }
     }
 
+    /// Makes sure the group exists, through the epoch check: a group that has to be created
+    /// again means Redis lost the stream, so the same atomic step starts a new epoch and the
+    /// workers replay what they relayed under the old one.
     async fn ensure_group(&mut self) -> redis::RedisResult<()> {
         let mut conn = self.links.manager().await?;
-        let created = consumer::ensure_group(&mut conn, &self.s.stream, &self.s.group).await?;
-        if created && self.had_group {
-            self.metrics.group_recreated.inc();
-            tracing::warn!(stream = %self.s.stream, group = %self.s.group,
-                "consumer group re-created at 0");
-        } else if created {
-            tracing::info!(stream = %self.s.stream, group = %self.s.group, "consumer group created");
+        let epoch = crate::durability::ensure_epoch(
+            &mut conn,
+            &self.s.epoch_key,
+            &self.s.stream,
+            &self.s.group,
+            self.epoch.as_deref(),
+        )
+        .await?;
+        match epoch.started {
+            Some(crate::durability::NewEpoch::Fresh) => {
+                tracing::info!(stream = %self.s.stream, group = %self.s.group, epoch = %epoch.id,
+                    "consumer group created");
+            }
+            Some(reason) => {
+                self.metrics.group_recreated.inc();
+                self.metrics.loss_detected.inc();
+                self.stats.add(stats::field::REDIS_LOSS_DETECTED, 1);
+                tracing::warn!(stream = %self.s.stream, group = %self.s.group, epoch = %epoch.id,
+                    reason = reason.as_str(),
+                    "Redis lost stream data; new stream epoch, group (re-)created at 0");
+            }
+            None => {}
         }
+        self.epoch = Some(epoch.id);
         self.group_ready = true;
-        self.had_group = true;
         self.links.redis_ok();
         Ok(())
     }
@@ -448,6 +511,7 @@ impl Worker {
             dead_stream: &self.s.dead_stream,
             max_len: self.s.dead_max_len,
             consumer: &self.consumer,
+            confirmed_keys: &self.s.confirmed_keys,
         };
         let moved = self
             .links

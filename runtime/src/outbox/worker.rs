@@ -1,11 +1,16 @@
 //! The outbox-worker: relays one product source's outbox rows to the pipeline's Redis Stream.
 //!
-//! One relay step: claim up to `batchSize` rows (`FOR UPDATE SKIP LOCKED`, id order), XADD them
-//! in one pipeline, then delete them in the same transaction. Any failure rolls the claim back,
-//! so rows are published at least once and never lost; a crash between XADD and commit
-//! publishes them again (the ingester's version guard makes that harmless). Several workers may
-//! run per source: SKIP LOCKED hands each a different batch. No `id > last_id` cursor is kept,
-//! because a sequence value can commit after a larger one.
+//! One relay step: check the stream epoch (replaying rows relayed under an epoch Redis lost,
+//! see [`crate::durability`]), claim up to `batchSize` unpublished rows (`FOR UPDATE SKIP
+//! LOCKED`, id order), XADD them, then mark them published (with the epoch) in the same
+//! transaction. Any failure rolls the claim back, so rows are published at least once and never
+//! lost; a crash between XADD and commit publishes them again (the ingester's version guard
+//! makes that harmless). Several workers may run per source: SKIP LOCKED hands each a
+//! different batch. No `id > last_id` cursor is kept, because a sequence value can commit after
+//! a larger one.
+//!
+//! Published rows stay in the outbox until the ingester confirms them (deleted in bulk by
+//! [`confirm_loop`]) or pass the source's retention cap ([`sweep_loop`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
 use crate::config::{Config, SourceConfig, quote_identifier};
+use crate::durability::{self, Epoch};
 use crate::event::Op;
 use crate::stats::{self, Stats};
 use crate::stream::StreamEvent;
@@ -47,8 +53,13 @@ pub struct WorkerSettings {
     pub max_length: u64,
     pub stats_key: String,
     pub stats_interval: Duration,
-    /// How often the backlog gauge is refreshed.
+    /// How often the backlog gauges are refreshed and the retention cap applied.
     pub backlog_interval: Duration,
+    pub epoch_key: String,
+    /// This source's confirmation set.
+    pub confirmed_key: String,
+    /// How often confirmations are turned into deletes.
+    pub confirm_interval: Duration,
 }
 
 impl WorkerSettings {
@@ -65,6 +76,9 @@ impl WorkerSettings {
             stats_key: config.stats_key(),
             stats_interval: stats::FLUSH_INTERVAL,
             backlog_interval: Duration::from_secs(2),
+            epoch_key: config.epoch_key(),
+            confirmed_key: config.confirmed_key(source),
+            confirm_interval: Duration::from_millis(250),
         })
     }
 
@@ -83,6 +97,13 @@ struct WorkerMetrics {
     errors: Family<Vec<(String, String)>, Counter>,
     batch_seconds: Histogram,
     backpressure: Gauge,
+    retained: Gauge,
+    confirmed: Counter,
+    replayed: Counter,
+    loss_detected: Counter,
+    retention_expired: Counter,
+    retention_capped: Gauge,
+    eviction_unsafe: Gauge,
 }
 
 impl WorkerMetrics {
@@ -93,8 +114,50 @@ impl WorkerMetrics {
             errors: Family::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backpressure: Gauge::default(),
+            retained: Gauge::default(),
+            confirmed: Counter::default(),
+            replayed: Counter::default(),
+            loss_detected: Counter::default(),
+            retention_expired: Counter::default(),
+            retention_capped: Gauge::default(),
+            eviction_unsafe: Gauge::default(),
         };
         let r = registry.sub_registry_with_label(("source".into(), source.to_string().into()));
+        r.register(
+            "widget_outbox_redis_eviction_unsafe",
+            "1 when Redis' maxmemory-policy may evict the stream (allkeys-*)",
+            m.eviction_unsafe.clone(),
+        );
+        r.register(
+            "widget_outbox_retained",
+            "Relayed rows kept until the core side confirms them",
+            m.retained.clone(),
+        );
+        r.register(
+            "widget_outbox_confirmed",
+            "Relayed rows deleted after the core side confirmed them",
+            m.confirmed.clone(),
+        );
+        r.register(
+            "widget_outbox_replayed",
+            "Rows published again because Redis lost the epoch they were relayed under",
+            m.replayed.clone(),
+        );
+        r.register(
+            "widget_outbox_redis_loss_detected",
+            "New stream epochs this worker started because Redis lost data or restarted",
+            m.loss_detected.clone(),
+        );
+        r.register(
+            "widget_outbox_retention_expired",
+            "Relayed rows deleted unconfirmed because they passed retention or maxRetainedRows",
+            m.retention_expired.clone(),
+        );
+        r.register(
+            "widget_outbox_retention_capped",
+            "1 while the retention cap is deleting unconfirmed rows",
+            m.retention_capped.clone(),
+        );
         r.register(
             "widget_outbox_backlog",
             "Unpublished rows in the outbox table",
@@ -150,8 +213,11 @@ pub struct OutboxWorker {
     readiness: Readiness,
     stats: Arc<Stats>,
     wake: Arc<Notify>,
+    /// The epoch the rows this worker relays are stamped with; `None` until checked.
+    epoch: std::sync::Mutex<Option<String>>,
     claim_sql: String,
-    delete_sql: String,
+    publish_sql: String,
+    replay_sql: String,
 }
 
 impl OutboxWorker {
@@ -168,9 +234,17 @@ impl OutboxWorker {
         let claim_sql = format!(
             "SELECT id, widget_key, widget_type, data_version, op, content::text AS content,
                     (extract(epoch FROM created_at) * 1000000)::bigint AS produced_at_us
-             FROM {table} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+             FROM {table} WHERE published_at IS NULL
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
         );
-        let delete_sql = format!("DELETE FROM {table} WHERE id = ANY($1::bigint[])");
+        let publish_sql = format!(
+            "UPDATE {table} SET published_at = clock_timestamp(), relay_epoch = $2
+             WHERE id = ANY($1::bigint[])"
+        );
+        let replay_sql = format!(
+            "UPDATE {table} SET published_at = NULL, relay_epoch = NULL
+             WHERE published_at IS NOT NULL AND relay_epoch IS DISTINCT FROM $1"
+        );
         readiness.fail("redis", "not connected yet");
         readiness.fail("database", "not connected yet");
         Self {
@@ -181,8 +255,10 @@ impl OutboxWorker {
             readiness,
             stats: Arc::new(Stats::new()),
             wake: Arc::new(Notify::new()),
+            epoch: std::sync::Mutex::new(None),
             claim_sql,
-            delete_sql,
+            publish_sql,
+            replay_sql,
         }
     }
 
@@ -198,11 +274,25 @@ impl OutboxWorker {
                 self.wake.clone(),
                 cancel.clone(),
             )),
-            tokio::spawn(sample_backlog(
+            tokio::spawn(sweep_loop(
                 self.pool.clone(),
                 self.settings.clone(),
-                self.metrics.backlog.clone(),
+                self.metrics.clone(),
                 self.stats.clone(),
+                cancel.clone(),
+            )),
+            tokio::spawn(confirm_loop(
+                self.pool.clone(),
+                self.redis.clone(),
+                self.settings.clone(),
+                self.metrics.clone(),
+                cancel.clone(),
+            )),
+            tokio::spawn(durability::watch_settings(
+                self.redis.clone(),
+                self.metrics.eviction_unsafe.clone(),
+                self.stats.clone(),
+                durability::SETTINGS_INTERVAL,
                 cancel.clone(),
             )),
             tokio::spawn({
@@ -290,7 +380,7 @@ impl OutboxWorker {
         Ok(())
     }
 
-    /// One relay step: back-pressure check, claim, XADD, delete.
+    /// One relay step: epoch check (and replay), back-pressure check, claim, XADD, mark.
     pub async fn relay_once(
         &self,
         conn: &mut Option<ConnectionManager>,
@@ -305,6 +395,26 @@ impl OutboxWorker {
                 }
             },
         };
+        let known = self.known_epoch();
+        let s = &self.settings;
+        let epoch = match durability::ensure_epoch(
+            redis,
+            &s.epoch_key,
+            &s.stream,
+            &s.consumer_group,
+            known.as_deref(),
+        )
+        .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                self.readiness.fail("redis", e.to_string());
+                return Err(e.into());
+            }
+        };
+        if known.as_deref() != Some(epoch.id.as_str()) {
+            self.adopt_epoch(&epoch).await?;
+        }
         let unread = match self.guard_stream_length(redis).await {
             Ok(u) => u,
             Err(e) => {
@@ -371,11 +481,12 @@ impl OutboxWorker {
             // Dropping the transaction rolls the claim back: the rows wait for the next attempt.
             return Err(e.into());
         }
-        // Rows of the pipelines that went through are done; the rest stay in the outbox and
-        // come first in the next claim, so the order is kept.
+        // Rows of the pipelines that went through are published (kept until confirmed); the
+        // rest stay unpublished and come first in the next claim, so the order is kept.
         let ids: Vec<i64> = rows[..sent].iter().map(|r| r.id).collect();
-        sqlx::query(sqlx::AssertSqlSafe(self.delete_sql.as_str()))
+        sqlx::query(sqlx::AssertSqlSafe(self.publish_sql.as_str()))
             .bind(&ids)
+            .bind(&epoch.id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -412,6 +523,40 @@ impl OutboxWorker {
             }
         }
         fields
+    }
+
+    fn known_epoch(&self) -> Option<String> {
+        self.epoch.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Switches to `epoch`: rows published under any other epoch may be gone from Redis, so
+    /// they are unpublished again and relayed by the normal path (id order, back-pressure).
+    async fn adopt_epoch(&self, epoch: &Epoch) -> Result<(), WorkerError> {
+        let name = &self.settings.source.name;
+        let replayed = sqlx::query(sqlx::AssertSqlSafe(self.replay_sql.as_str()))
+            .bind(&epoch.id)
+            .execute(&self.pool)
+            .await
+            .inspect_err(|e| self.db_down(e))?
+            .rows_affected();
+        if let Ok(mut known) = self.epoch.lock() {
+            *known = Some(epoch.id.clone());
+        }
+        if let Some(reason) = epoch.started.filter(|r| *r != durability::NewEpoch::Fresh) {
+            self.metrics.loss_detected.inc();
+            self.stats.add(stats::field::REDIS_LOSS_DETECTED, 1);
+            tracing::warn!(source = %name, reason = reason.as_str(), epoch = %epoch.id,
+                "Redis may have lost stream entries; started a new stream epoch");
+        }
+        if replayed > 0 {
+            self.metrics.replayed.inc_by(replayed);
+            self.stats.add(stats::field::REPLAYED, replayed);
+            tracing::warn!(source = %name, rows = replayed, epoch = %epoch.id,
+                "rows relayed under an earlier stream epoch are published again");
+        } else {
+            tracing::info!(source = %name, epoch = %epoch.id, "relaying under stream epoch");
+        }
+        Ok(())
     }
 
     fn db_down(&self, e: &sqlx::Error) {
@@ -591,32 +736,95 @@ async fn listen_for_wakeups(
     }
 }
 
-async fn sample_backlog(
+/// Refreshes the backlog gauges and applies the retention cap: a relayed row still unconfirmed
+/// after `retention`, or beyond the `maxRetainedRows` oldest, is deleted, counted and logged.
+/// Unpublished rows are never touched: they are the only copy of their event.
+async fn sweep_loop(
     pool: PgPool,
     settings: WorkerSettings,
-    gauge: Gauge,
+    metrics: WorkerMetrics,
     stats: Arc<Stats>,
     cancel: CancellationToken,
 ) {
-    let sql = format!(
-        "SELECT count(*) FROM {}",
-        quote_identifier(&settings.source.outbox_table)
+    let table = quote_identifier(&settings.source.outbox_table);
+    let count_sql = format!(
+        "SELECT count(*) FILTER (WHERE published_at IS NULL),
+                count(*) FILTER (WHERE published_at IS NOT NULL)
+         FROM {table}"
+    );
+    let expire_sql = format!(
+        "DELETE FROM {table}
+         WHERE published_at < clock_timestamp() - make_interval(secs => $1::float8)"
+    );
+    let trim_sql = format!(
+        "DELETE FROM {table} WHERE id IN (
+             SELECT id FROM {table} WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)"
     );
     let source = settings.source.name.clone();
+    let (retention, cap) = (
+        settings.source.retention,
+        settings.source.max_retained_rows,
+    );
+    let mut capped_sweeps = 0u64;
     loop {
-        if let Ok(n) = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.as_str()))
-            .fetch_one(&pool)
-            .await
-        {
-            gauge.set(n);
+        let sweep = async {
+            let (mut backlog, mut retained): (i64, i64) =
+                sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
+                    .fetch_one(&pool)
+                    .await?;
+            let mut expired = sqlx::query(sqlx::AssertSqlSafe(expire_sql.as_str()))
+                .bind(retention.as_secs_f64())
+                .execute(&pool)
+                .await?
+                .rows_affected();
+            let over = (retained - expired as i64).saturating_sub(cap as i64);
+            if over > 0 {
+                expired += sqlx::query(sqlx::AssertSqlSafe(trim_sql.as_str()))
+                    .bind(over)
+                    .execute(&pool)
+                    .await?
+                    .rows_affected();
+            }
+            if expired > 0 {
+                (backlog, retained) = sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
+                    .fetch_one(&pool)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>((backlog, retained, expired))
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = sweep => r,
+        };
+        if let Ok((backlog, retained, expired)) = result {
+            metrics.backlog.set(backlog);
+            metrics.retained.set(retained);
+            metrics.retention_capped.set(i64::from(expired > 0));
+            stats.set_gauge(format!("{}{source}", stats::field::OUTBOX_BACKLOG_PREFIX), backlog);
+            stats.set_gauge(format!("{}{source}", stats::field::OUTBOX_RETAINED_PREFIX), retained);
             stats.set_gauge(
-                format!("{}{source}", stats::field::OUTBOX_BACKLOG_PREFIX),
-                n,
+                format!("{}{source}", stats::field::OUTBOX_RETENTION_CAPPED_PREFIX),
+                i64::from(expired > 0),
             );
             stats.set_gauge(
                 format!("{}{source}", stats::field::OUTBOX_BACKLOG_AT_PREFIX),
                 stats::unix_ms(),
             );
+            if expired > 0 {
+                metrics.retention_expired.inc_by(expired);
+                stats.add(stats::field::RETENTION_EXPIRED, expired);
+                if capped_sweeps.is_multiple_of(30) {
+                    tracing::error!(source = %source, rows = expired, retained,
+                        retention = %crate::config::human_duration::format(retention),
+                        max_retained_rows = cap,
+                        "retention cap reached: relayed rows the core side has not confirmed \
+                         were deleted; they are still in the stream, but would not be replayed \
+                         if Redis lost it");
+                }
+                capped_sweeps += 1;
+            } else {
+                capped_sweeps = 0;
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -625,29 +833,77 @@ async fn sample_backlog(
     }
 }
 
+/// Most confirmations turned into deletes per pass.
+const CONFIRM_BATCH: usize = 5000;
+
+/// Deletes the rows the ingester confirmed (their events are durably applied in core
+/// Postgres), then forgets those confirmations.
+async fn confirm_loop(
+    pool: PgPool,
+    client: redis::Client,
+    settings: WorkerSettings,
+    metrics: WorkerMetrics,
+    cancel: CancellationToken,
+) {
+    let delete_sql = format!(
+        "DELETE FROM {} WHERE id = ANY($1::bigint[])",
+        quote_identifier(&settings.source.outbox_table)
+    );
+    let key = settings.confirmed_key.clone();
+    let mut conn: Option<ConnectionManager> = None;
+    loop {
+        let pass = async {
+            let redis = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(connect::redis_manager(&client).await?),
+            };
+            let ids = durability::read_confirmed(redis, &key, CONFIRM_BATCH).await?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let deleted = sqlx::query(sqlx::AssertSqlSafe(delete_sql.as_str()))
+                .bind(&ids)
+                .execute(&pool)
+                .await?
+                .rows_affected();
+            durability::forget_confirmed(redis, &key, &ids).await?;
+            metrics.confirmed.inc_by(deleted);
+            Ok::<_, WorkerError>(ids.len())
+        };
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = pass => r,
+        };
+        let pause = match result {
+            // A full page: more are waiting.
+            Ok(n) if n >= CONFIRM_BATCH => Duration::ZERO,
+            Ok(_) => settings.confirm_interval,
+            Err(e) => {
+                tracing::debug!(source = %settings.source.name, error = %e,
+                    "confirmation pass failed; rows stay retained until the next one");
+                settings.confirm_interval.max(Duration::from_secs(1))
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 /// Most bytes of stream entries sent in one pipeline.
 const MAX_PIPELINE_BYTES: usize = 4 << 20;
 
-/// Splits entries into consecutive ranges of at most `max_bytes` each (field names and values
-/// counted); an entry larger than that gets a range of its own.
+/// Pipelines of at most `max_bytes` of entries each (field names and values counted).
 fn pipeline_chunks(
     entries: &[Vec<(&'static str, Vec<u8>)>],
     max_bytes: usize,
 ) -> Vec<std::ops::Range<usize>> {
-    let mut chunks = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, fields) in entries.iter().enumerate() {
-        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if i > start && bytes + size > max_bytes {
-            chunks.push(start..i);
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if start < entries.len() {
-        chunks.push(start..entries.len());
-    }
-    chunks
+    crate::chunk::by_size(
+        entries,
+        |fields| fields.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        max_bytes,
+    )
 }
 
 #[cfg(test)]
