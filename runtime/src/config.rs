@@ -87,7 +87,7 @@ pub struct CacheConfig {
     #[serde(with = "human_duration")]
     pub fallback_ttl: Duration,
     /// Widgets per second written when the cache is re-warmed from Postgres after Redis lost
-    /// its data (see `warm`).
+    /// its data (see `warm`); 0 turns the re-warm off (misses are then back-filled one by one).
     pub warm_rate: u32,
 }
 
@@ -305,9 +305,6 @@ impl Config {
         }
         positive("cache.ingestTtl", self.cache.ingest_ttl)?;
         positive("cache.fallbackTtl", self.cache.fallback_ttl)?;
-        if self.cache.warm_rate == 0 {
-            return Err(invalid("cache.warmRate", "must be at least 1 widget per second"));
-        }
         positive("reclaim.minIdle", self.reclaim.min_idle)?;
         positive("reclaim.interval", self.reclaim.interval)?;
         if self.reclaim.max_deliveries == 0 {

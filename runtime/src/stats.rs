@@ -32,14 +32,15 @@ pub mod field {
     /// Gauge prefix: `outbox_retained.<source>` is that source's relayed rows still waiting for
     /// the core side's confirmation (kept for replay).
     pub const OUTBOX_RETAINED_PREFIX: &str = "outbox_retained.";
-    /// Gauge prefix: `outbox_retention_capped.<source>` is 1 while that source deletes relayed
-    /// rows that are still unconfirmed because they passed `retention` or `maxRetainedRows`.
+    /// Gauge prefix: `outbox_retention_capped.<source>` is 1 from the moment that source deletes
+    /// relayed rows still unconfirmed (past `retention` or `maxRetainedRows`) until ten minutes
+    /// after it last did.
     pub const OUTBOX_RETENTION_CAPPED_PREFIX: &str = "outbox_retention_capped.";
     /// Relayed, unconfirmed rows deleted by the retention cap (all sources).
     pub const RETENTION_EXPIRED: &str = "retention_expired";
     /// Rows published again after Redis lost data (all sources).
     pub const REPLAYED: &str = "replayed";
-    /// Times a component found the stream epoch gone or changed and started a new one.
+    /// Times a component found the stream epoch gone or changed (summed over components).
     pub const REDIS_LOSS_DETECTED: &str = "redis_loss_detected";
     /// Gauge: 1 when Redis' `maxmemory-policy` can evict the stream (`allkeys-*`).
     pub const REDIS_EVICTION_UNSAFE: &str = "redis_eviction_unsafe";

@@ -31,7 +31,7 @@ use crate::stats::{self, Stats};
 
 #[derive(Debug, Clone)]
 pub struct WarmSettings {
-    /// Widgets written per second.
+    /// Widgets written per second; 0 turns the re-warm off.
     pub rate: u32,
     /// Rows read per page.
     pub page: usize,
@@ -48,7 +48,7 @@ pub struct WarmSettings {
 impl WarmSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
-            rate: config.cache.warm_rate.max(1),
+            rate: config.cache.warm_rate,
             page: 500,
             key_prefix: config.key_prefix(),
             ttl: config.cache.ingest_ttl,
@@ -137,6 +137,10 @@ pub struct Warmer {
 
 impl Warmer {
     pub async fn run(self, cancel: CancellationToken) {
+        if self.settings.rate == 0 {
+            tracing::info!("cache re-warm is off (cache.warmRate: 0)");
+            return;
+        }
         let mut conn: Option<ConnectionManager> = None;
         let mut epoch: Option<String> = None;
         let mut failures = 0u32;

@@ -13,6 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+mod proxy;
+pub use proxy::TcpProxy;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{binary} not found: install it with `{install}` (Debian)")]
@@ -395,10 +398,35 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// Extra `redis-server` arguments from [`RedisServer::start_with`], passed on every start.
+    args: Vec<String>,
+    /// Port of the master on 127.0.0.1 while this server is a replica.
+    master_port: Option<u16>,
 }
 
 impl RedisServer {
     pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`RedisServer::start`], with `args` appended to the `redis-server` command line on
+    /// this and every later [`RedisServer::start_again`], e.g. `["--maxmemory-policy",
+    /// "allkeys-lru"]` or `["--appendonly", "yes", "--appendfsync", "everysec"]`.
+    ///
+    /// They come after the defaults, and for an option that takes one value the last occurrence
+    /// wins, so they override the defaults. `--save` is the exception: every occurrence adds a
+    /// save point; `"--save", ""` first clears them.
+    pub async fn start_with(args: &[&str]) -> Result<Self> {
+        Self::launch(args.iter().map(|a| a.to_string()).collect(), None).await
+    }
+
+    /// Starts a replica of `master` (asynchronous replication, like production). Call
+    /// [`RedisServer::wait_in_sync`] before relying on it having the master's data.
+    pub async fn start_replica_of(master: &RedisServer) -> Result<RedisServer> {
+        Self::launch(Vec::new(), Some(master.port)).await
+    }
+
+    async fn launch(args: Vec<String>, master_port: Option<u16>) -> Result<Self> {
         let binary = which("redis-server")
             .or_else(|| Some(PathBuf::from("/usr/bin/redis-server")).filter(|p| p.is_file()))
             .ok_or(Error::Missing {
@@ -414,6 +442,8 @@ impl RedisServer {
             dir,
             port: free_port()?,
             child: None,
+            args,
+            master_port,
         };
         server.start_again().await?;
         Ok(server)
@@ -442,18 +472,27 @@ impl RedisServer {
     }
 
     /// Starts the server (again) on the same port. Data saved by [`stop`] is loaded back;
-    /// after [`kill`] or [`wipe`] it starts empty.
+    /// after [`kill`] or [`wipe`] it starts empty (unless `--appendonly yes` was passed to
+    /// [`RedisServer::start_with`]: then [`kill`] keeps what the AOF has). A replica starts as a
+    /// replica of the same master again, until [`RedisServer::promote`].
     pub async fn start_again(&mut self) -> Result<()> {
         if self.child.is_some() {
             return Ok(());
         }
-        let child = guarded(&self.binary, None)?
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = guarded(&self.binary, None)?;
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--dir", &self.dir.path().display().to_string()])
             .args(["--logfile", &self.log_path().display().to_string()])
             // RDB is written only by a graceful shutdown (SIGTERM saves when a save point is set).
             .args(["--save", "3600 1000000000", "--appendonly", "no"])
             .args(["--protected-mode", "no", "--daemonize", "no"])
+            // A master waits 5 s by default before a full sync, for more replicas to join.
+            .args(["--repl-diskless-sync-delay", "0"]);
+        if let Some(master) = self.master_port {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+        }
+        let child = cmd
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -498,7 +537,8 @@ impl RedisServer {
         }
     }
 
-    /// Hard kill (SIGKILL): nothing is saved; the next start is empty unless a dump exists.
+    /// Hard kill (SIGKILL): nothing is saved; the next start is empty unless a dump (or an AOF,
+    /// see [`RedisServer::start_with`]) exists.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -512,6 +552,11 @@ impl RedisServer {
 
     /// Freezes the server (SIGSTOP): connections stay open but nothing answers, like a Redis
     /// that hangs or a network that drops packets. [`RedisServer::resume`] undoes it.
+    ///
+    /// The kernel still accepts what peers send until the socket buffers are full, and the
+    /// server reads it on resume: a paused replica still gets the master's writes made
+    /// meanwhile. To make it miss them, also cut its link with
+    /// [`RedisServer::disconnect_replicas`] on the master.
     pub fn pause(&self) {
         if let Some(child) = &self.child {
             signal(child, "STOP");
@@ -525,9 +570,69 @@ impl RedisServer {
         }
     }
 
-    /// Removes saved data, so the next [`start_again`] starts empty (a Redis that lost its data).
+    /// Removes saved data (RDB and AOF), so the next [`start_again`] starts empty (a Redis that
+    /// lost its data).
     pub fn wipe(&self) {
         let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        let _ = std::fs::remove_dir_all(self.dir.path().join("appendonlydir"));
+    }
+
+    /// Waits until this replica's link to its master is up and it has applied everything the
+    /// master had written when asked. Replication is asynchronous: without this a test races
+    /// the replica.
+    pub async fn wait_in_sync(&self, limit: Duration) -> Result<()> {
+        let master = self
+            .master_port
+            .ok_or_else(|| Error::Io(format!("redis on {} is not a replica", self.port)))?;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            // The master first: its offset also grows by its pings to replicas, so a replica
+            // offset at least as large as one read before means nothing is missing.
+            if let Ok(m) = info_replication(master).await
+                && let Ok(r) = info_replication(self.port).await
+                && info_field(&r, "master_link_status") == Some("up")
+                && let (Some(m), Some(r)) = (repl_offset(&m), repl_offset(&r))
+                && r >= m
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Error::NotReady {
+            what: "redis replica sync",
+            secs: limit.as_secs(),
+            log: tail(&self.log_path()),
+        })
+    }
+
+    /// Makes this replica a master (`REPLICAOF NO ONE`), as a failover does; it keeps its data
+    /// and takes writes. Later [`RedisServer::start_again`]s start it as a master too.
+    pub async fn promote(&mut self) -> Result<()> {
+        let mut conn = self.connection().await?;
+        let _: () = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::Io(format!("REPLICAOF NO ONE: {e}")))?;
+        self.master_port = None;
+        Ok(())
+    }
+
+    /// Closes the connections of this master's replicas (`CLIENT KILL TYPE replica`). They
+    /// reconnect and catch up within about a second, unless paused or the master is gone by
+    /// then: with [`RedisServer::pause`] on the replica it is how a test makes it miss the
+    /// master's last writes, as a replica lagging behind at a failover does.
+    pub async fn disconnect_replicas(&self) -> Result<()> {
+        let mut conn = self.connection().await?;
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("replica")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::Io(format!("CLIENT KILL TYPE replica: {e}")))?;
+        Ok(())
     }
 
     pub fn is_running(&self) -> bool {
@@ -542,6 +647,31 @@ impl Drop for RedisServer {
             let _ = child.wait();
         }
     }
+}
+
+async fn info_replication(port: u16) -> Result<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .map_err(|e| Error::Io(format!("redis url: {e}")))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| Error::Io(format!("redis connect to {port}: {e}")))?;
+    redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| Error::Io(format!("INFO replication on {port}: {e}")))
+}
+
+/// The value of `field` in `INFO` output (`field:value` lines).
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+fn repl_offset(info: &str) -> Option<i64> {
+    info_field(info, "master_repl_offset")?.parse().ok()
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or gives up after `limit`.
@@ -595,6 +725,126 @@ mod tests {
             .await
             .expect("select");
         assert_eq!(x, 7);
+    }
+
+    async fn set(r: &RedisServer, k: &str, v: &str) {
+        let mut c = r.connection().await.expect("conn");
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut c)
+            .await
+            .expect("set");
+    }
+
+    async fn get(r: &RedisServer, k: &str) -> Option<String> {
+        let mut c = r.connection().await.expect("conn");
+        redis::cmd("GET")
+            .arg(k)
+            .query_async(&mut c)
+            .await
+            .expect("get")
+    }
+
+    async fn config_get(r: &RedisServer, name: &str) -> String {
+        let mut c = r.connection().await.expect("conn");
+        let (_, v): (String, String) = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(name)
+            .query_async(&mut c)
+            .await
+            .expect("config get");
+        v
+    }
+
+    #[tokio::test]
+    async fn redis_start_with_args_override_defaults_and_survive_restarts() {
+        let mut r = RedisServer::start_with(&[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ])
+        .await
+        .expect("start redis");
+        assert_eq!(config_get(&r, "appendonly").await, "yes");
+        assert_eq!(config_get(&r, "maxmemory-policy").await, "allkeys-lru");
+        set(&r, "k", "v").await;
+        // With the AOF, even a hard kill keeps the data; the args are passed again.
+        r.kill().await;
+        r.start_again().await.expect("restart");
+        assert_eq!(config_get(&r, "appendonly").await, "yes");
+        assert_eq!(get(&r, "k").await.as_deref(), Some("v"));
+        r.kill().await;
+        r.wipe();
+        r.start_again().await.expect("restart empty");
+        assert_eq!(get(&r, "k").await, None);
+
+        let r = RedisServer::start_with(&["--save", ""])
+            .await
+            .expect("start");
+        assert_eq!(config_get(&r, "save").await, "");
+    }
+
+    #[tokio::test]
+    async fn redis_wait_in_sync_needs_a_replica() {
+        let r = RedisServer::start().await.expect("start redis");
+        assert!(r.wait_in_sync(Duration::from_millis(10)).await.is_err());
+    }
+
+    /// A failover where the replica lags behind: the promoted replica has what it had
+    /// replicated, not the master's last write.
+    #[tokio::test]
+    async fn redis_promoted_replica_misses_the_writes_it_did_not_get() {
+        let mut master = RedisServer::start().await.expect("master");
+        let mut replica = RedisServer::start_replica_of(&master)
+            .await
+            .expect("replica");
+        set(&master, "k1", "v1").await;
+        replica
+            .wait_in_sync(Duration::from_secs(15))
+            .await
+            .expect("in sync");
+        assert_eq!(get(&replica, "k1").await.as_deref(), Some("v1"));
+
+        replica.pause();
+        master.disconnect_replicas().await.expect("cut link");
+        set(&master, "k2", "v2").await;
+        master.kill().await;
+        replica.resume();
+        replica.promote().await.expect("promote");
+
+        assert_eq!(get(&replica, "k1").await.as_deref(), Some("v1"));
+        assert_eq!(get(&replica, "k2").await, None);
+        set(&replica, "k3", "v3").await; // a master now: takes writes
+        // And stays one across a restart.
+        replica.stop().await;
+        replica.start_again().await.expect("restart");
+        set(&replica, "k4", "v4").await;
+        assert_eq!(get(&replica, "k3").await.as_deref(), Some("v3"));
+    }
+
+    /// Why `disconnect_replicas` is needed above: a paused replica still gets what the master
+    /// sent meanwhile, from its socket buffer.
+    #[tokio::test]
+    async fn redis_paused_replica_still_gets_writes_sent_meanwhile() {
+        let mut master = RedisServer::start().await.expect("master");
+        let mut replica = RedisServer::start_replica_of(&master)
+            .await
+            .expect("replica");
+        set(&master, "k1", "v1").await;
+        replica
+            .wait_in_sync(Duration::from_secs(15))
+            .await
+            .expect("in sync");
+        replica.pause();
+        set(&master, "k2", "v2").await;
+        master.kill().await;
+        replica.resume();
+        replica.promote().await.expect("promote");
+        assert_eq!(get(&replica, "k2").await.as_deref(), Some("v2"));
     }
 
     #[tokio::test]

@@ -145,7 +145,7 @@ impl WorkerMetrics {
         );
         r.register(
             "widget_outbox_redis_loss_detected",
-            "New stream epochs this worker started because Redis lost data or restarted",
+            "Times this worker found the stream epoch changed (Redis lost data or restarted)",
             m.loss_detected.clone(),
         );
         r.register(
@@ -539,14 +539,18 @@ impl OutboxWorker {
             .await
             .inspect_err(|e| self.db_down(e))?
             .rows_affected();
-        if let Ok(mut known) = self.epoch.lock() {
-            *known = Some(epoch.id.clone());
-        }
-        if let Some(reason) = epoch.started.filter(|r| *r != durability::NewEpoch::Fresh) {
+        let previous = self
+            .epoch
+            .lock()
+            .ok()
+            .and_then(|mut known| known.replace(epoch.id.clone()));
+        // Whoever started the new epoch, this worker relayed under the old one: a loss for it.
+        if previous.is_some() || epoch.started.is_some_and(|r| r != durability::NewEpoch::Fresh) {
             self.metrics.loss_detected.inc();
             self.stats.add(stats::field::REDIS_LOSS_DETECTED, 1);
-            tracing::warn!(source = %name, reason = reason.as_str(), epoch = %epoch.id,
-                "Redis may have lost stream entries; started a new stream epoch");
+            tracing::warn!(source = %name, reason = epoch.started.map(|r| r.as_str()),
+                previous = previous.as_deref(), epoch = %epoch.id,
+                "Redis may have lost stream entries: the stream epoch changed");
         }
         if replayed > 0 {
             self.metrics.replayed.inc_by(replayed);
@@ -766,6 +770,9 @@ async fn sweep_loop(
         settings.source.max_retained_rows,
     );
     let mut capped_sweeps = 0u64;
+    // The cap stays reported for a while after it last deleted rows, so a status read every
+    // few minutes still sees it.
+    let mut capped_until: Option<std::time::Instant> = None;
     loop {
         let sweep = async {
             let (mut backlog, mut retained): (i64, i64) =
@@ -797,14 +804,18 @@ async fn sweep_loop(
             r = sweep => r,
         };
         if let Ok((backlog, retained, expired)) = result {
+            if expired > 0 {
+                capped_until = Some(std::time::Instant::now() + CAP_REPORTED_FOR);
+            }
+            let capped = capped_until.is_some_and(|t| std::time::Instant::now() < t);
             metrics.backlog.set(backlog);
             metrics.retained.set(retained);
-            metrics.retention_capped.set(i64::from(expired > 0));
+            metrics.retention_capped.set(i64::from(capped));
             stats.set_gauge(format!("{}{source}", stats::field::OUTBOX_BACKLOG_PREFIX), backlog);
             stats.set_gauge(format!("{}{source}", stats::field::OUTBOX_RETAINED_PREFIX), retained);
             stats.set_gauge(
                 format!("{}{source}", stats::field::OUTBOX_RETENTION_CAPPED_PREFIX),
-                i64::from(expired > 0),
+                i64::from(capped),
             );
             stats.set_gauge(
                 format!("{}{source}", stats::field::OUTBOX_BACKLOG_AT_PREFIX),
@@ -832,6 +843,9 @@ async fn sweep_loop(
         }
     }
 }
+
+/// How long the retention cap stays reported after it last deleted unconfirmed rows.
+const CAP_REPORTED_FOR: Duration = Duration::from_secs(600);
 
 /// Most confirmations turned into deletes per pass.
 const CONFIRM_BATCH: usize = 5000;

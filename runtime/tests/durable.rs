@@ -1,0 +1,685 @@
+//! Nothing lost when Redis loses its data: retained outbox rows, stream epochs and replay, the
+//! cache re-warm, unsafe eviction settings. Real Postgres and Redis (testkit); every scenario
+//! ends with the invariant: every key holds the producer's last committed version (or its
+//! deletion) in Postgres, in the cache and in what the API serves.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use support::{Stack, http_get, metric_value};
+use testkit::eventually;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use widget_runtime::admin::Readiness;
+use widget_runtime::cache::{Cache, CacheWrite, Cached, decode_value};
+use widget_runtime::event::Op;
+use widget_runtime::ingest::Ingester;
+use widget_runtime::outbox::worker::{OutboxWorker, WorkerSettings};
+use widget_runtime::store::{self, Change};
+use widget_runtime::{Outbox, WidgetEvent, api, stats};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+const CONFIG: &str = r#"
+pipeline: test
+stream: {maxLength: 100000}
+cache: {warmRate: 5000}
+reclaim: {minIdle: 300ms, interval: 200ms, maxDeliveries: 3}
+sources:
+  - {name: deals, batchSize: 100, pollInterval: 50ms}
+"#;
+
+/// A component task with its metrics.
+struct Running<E> {
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), E>>,
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl<E: std::fmt::Debug> Running<E> {
+    fn metric(&self, name: &str) -> f64 {
+        let mut text = String::new();
+        if let Ok(r) = self.registry.lock() {
+            prometheus_client::encoding::text::encode(&mut text, &r).expect("encode");
+        }
+        metric_value(&text, name).unwrap_or(0.0)
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("stops within 15 s of cancel")
+            .expect("task does not panic");
+        assert!(ended.is_ok(), "component ended with {ended:?}");
+    }
+}
+
+fn start_worker(stack: &Stack) -> Running<widget_runtime::outbox::worker::WorkerError> {
+    let mut settings = WorkerSettings::from_config(&stack.config, "deals").expect("source");
+    settings.stats_interval = Duration::from_millis(100);
+    settings.backlog_interval = Duration::from_millis(200);
+    let mut registry = Registry::default();
+    let worker = OutboxWorker::new(
+        settings,
+        stack.redis_client(),
+        stack.lazy_pool(&stack.product_url),
+        &mut registry,
+        Readiness::default(),
+    );
+    let cancel = CancellationToken::new();
+    Running {
+        task: tokio::spawn(worker.run(cancel.clone())),
+        cancel,
+        registry: Arc::new(Mutex::new(registry)),
+    }
+}
+
+fn start_ingester_at(
+    stack: &Stack,
+    name: &str,
+    core_url: &str,
+    batch: usize,
+) -> Running<widget_runtime::ingest::IngestError> {
+    let mut registry = Registry::default();
+    let ingester = Ingester::new(
+        &stack.config,
+        name.to_string(),
+        stack.redis_client(),
+        stack.lazy_pool(core_url),
+        &mut registry,
+        Readiness::default(),
+    )
+    .with_stats_interval(Duration::from_millis(100))
+    .with_batch_size(batch)
+    .with_warm(|w| w.check_interval = Duration::from_millis(200));
+    let cancel = CancellationToken::new();
+    Running {
+        task: tokio::spawn(ingester.run(cancel.clone())),
+        cancel,
+        registry: Arc::new(Mutex::new(registry)),
+    }
+}
+
+fn start_ingester(stack: &Stack) -> Running<widget_runtime::ingest::IngestError> {
+    start_ingester_at(stack, "ingester-a", &stack.core_url, 100)
+}
+
+struct RunningApi {
+    addr: String,
+    cancel: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningApi {
+    /// A sample from the API's own /metrics.
+    async fn metric(&self, name: &str) -> f64 {
+        let r = http_get(&self.addr, "/metrics", &[]).await.expect("metrics");
+        metric_value(&r.body, name).unwrap_or(0.0)
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.expect("api task").expect("api ends cleanly");
+    }
+}
+
+async fn start_api(stack: &Stack) -> RunningApi {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cancel = CancellationToken::new();
+    let config = stack.config.clone();
+    let (redis, pool) = (stack.redis_client(), stack.lazy_pool(&stack.core_url));
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        api::serve(&config, redis, pool, listener, Registry::default(), Readiness::default(), c)
+            .await
+    });
+    RunningApi { addr, cancel, task }
+}
+
+/// The producer's view: the last committed (version, deleted) per key.
+type Expected = BTreeMap<String, (i64, bool)>;
+
+/// Writes `rounds` versions of `keys` keys through the outbox library, one transaction per round;
+/// about one write in 20 is a delete. Returns what each key must end as.
+async fn produce(pool: &PgPool, keys: usize, rounds: i64, from_version: i64, expected: &mut Expected) {
+    for r in 0..rounds {
+        let version = from_version + r;
+        let events: Vec<WidgetEvent> = (0..keys)
+            .map(|k| {
+                let key = format!("deals.w-{k}");
+                if (k as i64 + version) % 20 == 0 {
+                    WidgetEvent::delete(key, "card", version)
+                } else {
+                    WidgetEvent::upsert(key, "card", version, json!({"k": k, "v": version}))
+                }
+            })
+            .collect();
+        let mut tx = pool.begin().await.expect("begin");
+        Outbox::enqueue_all(&mut tx, &events).await.expect("enqueue");
+        tx.commit().await.expect("commit");
+        for e in &events {
+            expected.insert(e.widget_key.clone(), (version, e.op == Op::Delete));
+        }
+    }
+}
+
+/// (unpublished, retained) outbox rows.
+async fn outbox_counts(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE published_at IS NULL),
+                count(*) FILTER (WHERE published_at IS NOT NULL) FROM widget_outbox",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
+/// What differs from `expected` in Postgres, the cache and the API; empty when converged.
+async fn differences(stack: &Stack, api: &RunningApi, expected: &Expected) -> Vec<String> {
+    let core = stack.pool(&stack.core_url).await;
+    let keys: Vec<&str> = expected.keys().map(String::as_str).collect();
+    let stored: HashMap<String, (i64, bool)> = store::fetch_many(&core, &keys)
+        .await
+        .expect("read widgets")
+        .into_iter()
+        .map(|w| (w.widget_key, (w.data_version, w.deleted)))
+        .collect();
+    core.close().await;
+    let mut conn = stack.redis_conn().await;
+    let cache = Cache::new(stack.config.key_prefix());
+    let cached = cache.get_many(&mut conn, &keys).await.unwrap_or_default();
+    let mut served: HashMap<String, i64> = HashMap::new();
+    let mut missing: Vec<String> = Vec::new();
+    for chunk in keys.chunks(api::MAX_KEYS) {
+        let path = format!("/v1/widgets?keys={}", chunk.join(","));
+        let Some(r) = http_get(&api.addr, &path, &[]).await else {
+            return vec!["API did not answer".into()];
+        };
+        let body: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+        for w in body["widgets"].as_array().into_iter().flatten() {
+            if let (Some(k), Some(v)) = (w["key"].as_str(), w["version"].as_i64()) {
+                served.insert(k.to_string(), v);
+            }
+        }
+        for k in body["missing"].as_array().into_iter().flatten() {
+            missing.extend(k.as_str().map(String::from));
+        }
+    }
+    let mut diffs = Vec::new();
+    for (i, (key, want)) in expected.iter().enumerate() {
+        if stored.get(key) != Some(want) {
+            diffs.push(format!("{key}: postgres {:?}, want {want:?}", stored.get(key)));
+        }
+        let in_cache = cached.get(i).cloned().flatten().and_then(|raw| {
+            decode_value(&raw).map(|c| match c {
+                Cached::Widget { version, .. } => (version, false),
+                Cached::Deleted { version } => (version, true),
+            })
+        });
+        if in_cache != Some(*want) {
+            diffs.push(format!("{key}: cache {in_cache:?}, want {want:?}"));
+        }
+        let api_ok = if want.1 {
+            !served.contains_key(key) && missing.contains(key)
+        } else {
+            served.get(key) == Some(&want.0)
+        };
+        if !api_ok {
+            diffs.push(format!("{key}: API {:?}, want {want:?}", served.get(key)));
+        }
+    }
+    diffs
+}
+
+async fn assert_converged(stack: &Stack, api: &RunningApi, expected: &Expected) {
+    let last = Mutex::new(Vec::new());
+    let done = eventually(WAIT, || async {
+        let diffs = differences(stack, api, expected).await;
+        let ok = diffs.is_empty();
+        if let Ok(mut l) = last.lock() {
+            *l = diffs;
+        }
+        ok.then_some(())
+    })
+    .await;
+    let last = last.into_inner().unwrap_or_default();
+    assert!(
+        done.is_some(),
+        "not converged after {WAIT:?}; {} differences, first: {:?}",
+        last.len(),
+        &last[..last.len().min(10)]
+    );
+}
+
+async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let ok = eventually(WAIT, || {
+        let f = check();
+        async move { f.await.then_some(()) }
+    })
+    .await;
+    assert!(ok.is_some(), "timed out waiting for {what}");
+}
+
+fn replayed(worker: &Running<widget_runtime::outbox::worker::WorkerError>) -> f64 {
+    worker.metric("widget_outbox_replayed_total{source=\"deals\"}")
+}
+
+/// Test 1 of the issue: the ingester is down, relayed rows sit unread in the stream, Redis is
+/// SIGKILLed and comes back empty. Every unconfirmed row is replayed; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_with_unread_entries_replays_every_unconfirmed_row() {
+    let mut stack = Stack::with_config(CONFIG).await;
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    let worker = start_worker(&stack);
+    let api = start_api(&stack).await;
+
+    // Everything runs: applied, confirmed, deleted from the outbox.
+    let ingester = start_ingester(&stack);
+    produce(&product, 100, 2, 1, &mut expected).await;
+    assert_converged(&stack, &api, &expected).await;
+    wait_for("confirmed rows deleted", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    ingester.stop().await;
+
+    // The ingester is down: 600 more events are relayed and wait, unread, in the stream.
+    produce(&product, 100, 6, 3, &mut expected).await;
+    wait_for("600 rows relayed and retained", || async {
+        outbox_counts(&product).await == (0, 600)
+    })
+    .await;
+    let mut conn = stack.redis_conn().await;
+    let unread: i64 = conn.xlen(stack.config.stream_name()).await.expect("xlen");
+    assert!(unread >= 600, "the stream holds the unread entries ({unread})");
+    let before = replayed(&worker);
+
+    stack.redis.kill().await;
+    stack.redis.wipe();
+    stack.redis.start_again().await.expect("redis restarts empty");
+    let ingester = start_ingester(&stack);
+
+    assert_converged(&stack, &api, &expected).await;
+    wait_for("replayed rows confirmed and deleted", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    assert_eq!(
+        replayed(&worker) - before,
+        600.0,
+        "exactly the unconfirmed rows are replayed"
+    );
+    assert!(worker.metric("widget_outbox_redis_loss_detected_total{source=\"deals\"}") >= 1.0);
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Test 2: the stream is deleted (`DEL`) while entries are unread or pending and everything
+/// runs: the group comes back in a new epoch and the retained rows are replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_deleted_with_unread_entries_while_running_loses_nothing() {
+    let stack = Stack::with_config(CONFIG).await;
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    let worker = start_worker(&stack);
+    let api = start_api(&stack).await;
+    // Small batches keep entries unread for a while after they are relayed.
+    let ingester = start_ingester_at(&stack, "ingester-a", &stack.core_url, 5);
+    let stream = stack.config.stream_name();
+    let mut conn = stack.redis_conn().await;
+    let mut version = 1;
+    let mut deleted_unfinished = 0;
+    for _ in 0..5 {
+        produce(&product, 200, 5, version, &mut expected).await;
+        version += 5;
+        wait_for("rows relayed", || async { outbox_counts(&product).await.0 == 0 }).await;
+        // Read what the group has not finished and delete the stream in one MULTI.
+        let (groups, _): (redis::streams::StreamInfoGroupsReply, i64) = redis::pipe()
+            .atomic()
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .cmd("DEL")
+            .arg(&stream)
+            .query_async(&mut conn)
+            .await
+            .expect("xinfo + del");
+        deleted_unfinished = groups
+            .groups
+            .first()
+            .map(|g| g.lag.unwrap_or(0) + g.pending)
+            .unwrap_or(0);
+        if deleted_unfinished > 0 {
+            break;
+        }
+    }
+    assert!(
+        deleted_unfinished > 0,
+        "the stream was deleted with entries the group had not finished"
+    );
+    produce(&product, 200, 1, version, &mut expected).await;
+    assert_converged(&stack, &api, &expected).await;
+    wait_for("outbox drained", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    assert!(replayed(&worker) > 0.0, "retained rows were replayed");
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Test 4: in normal operation retained rows are deleted within a few seconds of being applied,
+/// and under a steady load their number levels off instead of growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_rows_level_off_under_steady_load_and_drain_after() {
+    let stack = Stack::with_config(CONFIG).await;
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    let worker = start_worker(&stack);
+    let ingester = start_ingester(&stack);
+    let api = start_api(&stack).await;
+    // About 200 events/s for 8 s.
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut version = 1;
+    while started.elapsed() < Duration::from_secs(8) {
+        produce(&product, 20, 1, version, &mut expected).await;
+        version += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if version % 10 == 0 {
+            samples.push((started.elapsed(), outbox_counts(&product).await.1));
+        }
+    }
+    let produced = (version - 1) * 20;
+    eprintln!("retained rows while {produced} events were produced: {samples:?}");
+    // After the first second, never more than about two seconds' worth (400 rows).
+    let late: Vec<i64> = samples
+        .iter()
+        .filter(|(t, _)| *t > Duration::from_secs(1))
+        .map(|(_, n)| *n)
+        .collect();
+    assert!(!late.is_empty());
+    assert!(
+        late.iter().all(|n| *n <= 400),
+        "retained rows level off: {late:?}"
+    );
+    let stopped = Instant::now();
+    wait_for("retained rows deleted", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "deleted within a few seconds, took {:?}",
+        stopped.elapsed()
+    );
+    assert_converged(&stack, &api, &expected).await;
+    assert_eq!(
+        worker.metric("widget_outbox_confirmed_total{source=\"deals\"}"),
+        produced as f64
+    );
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Test 5: the core database is down for longer than the retention cap. No unconfirmed row is
+/// deleted before it; then the cap is reported (metric, stats gauge for the operator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_down_past_the_retention_cap_is_reported_and_nothing_goes_before_it() {
+    let stack = Stack::with_config(&CONFIG.replace(
+        "pollInterval: 50ms}",
+        "pollInterval: 50ms, retention: 3s}",
+    ))
+    .await;
+    let product = stack.pool(&stack.product_url).await;
+    let worker = start_worker(&stack);
+    // The ingester's core database does not answer (nothing listens there).
+    let ingester = start_ingester_at(&stack, "ingester-a", "postgres://postgres@127.0.0.1:1/core", 100);
+    let mut expected = Expected::new();
+    produce(&product, 50, 1, 1, &mut expected).await;
+    wait_for("rows relayed", || async {
+        outbox_counts(&product).await == (0, 50)
+    })
+    .await;
+    let relayed = Instant::now();
+    while relayed.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(
+            outbox_counts(&product).await,
+            (0, 50),
+            "no unconfirmed row is deleted before the cap"
+        );
+        assert_eq!(worker.metric("widget_outbox_retention_capped{source=\"deals\"}"), 0.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for("rows past the cap deleted", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    assert_eq!(worker.metric("widget_outbox_retention_expired_total{source=\"deals\"}"), 50.0);
+    wait_for("the cap is reported", || async {
+        worker.metric("widget_outbox_retention_capped{source=\"deals\"}") == 1.0
+    })
+    .await;
+    let mut conn = stack.redis_conn().await;
+    let key = stack.config.stats_key();
+    wait_for("the cap reaches the stats hash", || {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move {
+            let fields: HashMap<String, String> = conn.hgetall(&key).await.unwrap_or_default();
+            fields.get("outbox_retention_capped.deals").map(String::as_str) == Some("1")
+                && fields.get(stats::field::RETENTION_EXPIRED).map(String::as_str) == Some("50")
+        }
+    })
+    .await;
+    let _ = conn.ping::<String>().await;
+    ingester.stop().await;
+    worker.stop().await;
+}
+
+/// The row cap: beyond `maxRetainedRows` the oldest relayed, unconfirmed rows go, loudly;
+/// unpublished rows are never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_row_cap_deletes_only_the_oldest_relayed_rows_beyond_it() {
+    let stack = Stack::with_config(&CONFIG.replace(
+        "pollInterval: 50ms}",
+        "pollInterval: 50ms, maxRetainedRows: 30}",
+    ))
+    .await;
+    let product = stack.pool(&stack.product_url).await;
+    let worker = start_worker(&stack);
+    let mut expected = Expected::new();
+    produce(&product, 50, 1, 1, &mut expected).await;
+    wait_for("capped at 30 retained rows", || async {
+        outbox_counts(&product).await == (0, 30)
+    })
+    .await;
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM widget_outbox ORDER BY id")
+        .fetch_all(&product)
+        .await
+        .expect("ids");
+    let max: i64 = sqlx::query_scalar("SELECT max(id) FROM widget_outbox")
+        .fetch_one(&product)
+        .await
+        .expect("max");
+    assert_eq!(ids, ((max - 29)..=max).collect::<Vec<_>>(), "the newest 30 are kept");
+    assert_eq!(worker.metric("widget_outbox_retention_expired_total{source=\"deals\"}"), 20.0);
+    worker.stop().await;
+}
+
+/// Redis comes back from an older snapshot (an RDB restore, a replica that lagged): the stream
+/// may look fine and the applied rows are gone from the outbox, but the cache holds older
+/// versions. The restart starts a new epoch, whose re-warm repairs every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restored_from_an_older_snapshot_is_repaired_by_the_rewarm() {
+    let mut stack = Stack::with_config(CONFIG).await;
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    let worker = start_worker(&stack);
+    let ingester = start_ingester(&stack);
+    let api = start_api(&stack).await;
+    produce(&product, 100, 1, 1, &mut expected).await;
+    assert_converged(&stack, &api, &expected).await;
+    let mut conn = stack.redis_conn().await;
+    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.expect("save");
+    produce(&product, 100, 1, 2, &mut expected).await;
+    assert_converged(&stack, &api, &expected).await;
+    wait_for("outbox drained", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    // SIGKILL: the restart loads the older dump, with version 1 in the cache.
+    stack.redis.kill().await;
+    stack.redis.start_again().await.expect("redis restarts from the older dump");
+    let mut conn = stack.redis_conn().await;
+    let cache = Cache::new(stack.config.key_prefix());
+    let old = cache.get_many(&mut conn, &["deals.w-1"]).await.expect("get");
+    let old_version = old[0].as_deref().and_then(decode_value).map(|c| match c {
+        Cached::Widget { version, .. } | Cached::Deleted { version } => version,
+    });
+    assert_eq!(old_version, Some(1), "the restored cache is older than Postgres");
+    assert_converged(&stack, &api, &expected).await;
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Test 6: Redis comes back empty with 10k widgets in Postgres. The API's Postgres reads fall to
+/// zero once the re-warm is done (in about `widgets / warmRate` seconds), and values newer than
+/// what the re-warm read are never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_values() {
+    const N: usize = 10_000;
+    let stack = Stack::with_config(CONFIG).await;
+    let core = stack.pool(&stack.core_url).await;
+    let changes: Vec<Change> = (0..N)
+        .map(|k| Change {
+            widget_key: format!("deals.w-{k}"),
+            widget_type: "card".into(),
+            source: "deals".into(),
+            data_version: 1,
+            op: if k % 50 == 7 { Op::Delete } else { Op::Upsert },
+            content: (k % 50 != 7).then(|| json!({"k": k}).to_string()),
+        })
+        .collect();
+    for chunk in changes.chunks(1000) {
+        store::apply_batch(&core, chunk).await.expect("seed widgets");
+    }
+    // Newer values already in the cache (as an ingester would have written them meanwhile).
+    let mut conn = stack.redis_conn().await;
+    let cache = Cache::new(stack.config.key_prefix());
+    let newer: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|k| (format!("deals.w-{k}"), json!({"newer": k}).to_string().into_bytes()))
+        .collect();
+    let writes: Vec<CacheWrite<'_>> = newer
+        .iter()
+        .map(|(key, json)| CacheWrite {
+            widget_key: key,
+            version: 5,
+            json: Some(json),
+            ttl: Duration::from_secs(3600),
+        })
+        .collect();
+    cache.write_many(&mut conn, &writes).await.expect("newer values");
+
+    let api = start_api(&stack).await;
+    // A steady reader over all keys, 50 keys a request.
+    let reading = CancellationToken::new();
+    let reader = {
+        let (addr, stop) = (api.addr.clone(), reading.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
+                let keys: Vec<String> = (0..50).map(|j| format!("deals.w-{}", (i * 50 + j * 197) % N)).collect();
+                let _ = http_get(&addr, &format!("/v1/widgets?keys={}", keys.join(",")), &[]).await;
+                i += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reads_before = api.metric("widget_api_fallback_reads_total").await;
+    assert!(reads_before > 0.0, "a cold cache sends reads to Postgres");
+
+    let started = Instant::now();
+    let ingester = start_ingester(&stack);
+    // A write through the pipeline during the re-warm.
+    let worker = start_worker(&stack);
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tx = product.begin().await.expect("begin");
+    let updates: Vec<WidgetEvent> = (5000..5050)
+        .map(|k| WidgetEvent::upsert(format!("deals.w-{k}"), "card", 2, json!({"k": k, "v": 2})))
+        .collect();
+    Outbox::enqueue_all(&mut tx, &updates).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    for e in &updates {
+        expected.insert(e.widget_key.clone(), (2, false));
+    }
+    wait_for("the re-warm completes", || async {
+        ingester.metric("widget_cache_warms_completed_total") >= 1.0
+    })
+    .await;
+    let took = started.elapsed();
+    let written = ingester.metric("widget_cache_warm_written_total");
+    let reads_during = api.metric("widget_api_fallback_reads_total").await - reads_before;
+    eprintln!(
+        "re-warm: {written} widgets in {took:?} ({:.0}/s, rate 5000/s); API Postgres reads during it: {reads_during} ({:.1}/s)",
+        written / took.as_secs_f64(),
+        reads_during / took.as_secs_f64()
+    );
+    // Keys written through the pipeline after the re-warm started are ahead of its cursor.
+    assert!((N as f64 - 50.0..=N as f64).contains(&written), "{written} written");
+    // Promised in the docs: about widgets / warmRate (2 s here) plus the epoch check.
+    assert!(took < Duration::from_secs(15), "re-warm took {took:?}");
+    assert!(took >= Duration::from_millis(1800), "the rate bound holds ({took:?})");
+
+    let settled = api.metric("widget_api_fallback_reads_total").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = api.metric("widget_api_fallback_reads_total").await - settled;
+    assert!(after <= 1.0, "Postgres reads fall to near zero after the re-warm: {after} in 2 s");
+    reading.cancel();
+    reader.await.expect("reader");
+
+    // Newer values were kept; everything else holds Postgres' version.
+    let keys: Vec<String> = (0..N).map(|k| format!("deals.w-{k}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let values = cache.get_many(&mut conn, &refs).await.expect("mget");
+    for (k, raw) in values.iter().enumerate() {
+        let got = raw.as_deref().and_then(decode_value).map(|c| match c {
+            Cached::Widget { version, .. } => (version, false),
+            Cached::Deleted { version } => (version, true),
+        });
+        let want = if k < 100 {
+            (5, false)
+        } else if (5000..5050).contains(&k) {
+            (2, false)
+        } else {
+            (1, k % 50 == 7)
+        };
+        assert_eq!(got, Some(want), "deals.w-{k}");
+    }
+    assert_converged(&stack, &api, &expected).await;
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
