@@ -63,13 +63,20 @@ impl<E: std::fmt::Debug> Running<E> {
 }
 
 fn start_worker(stack: &Stack) -> Running<widget_runtime::outbox::worker::WorkerError> {
+    start_worker_on(stack, &stack.redis.url())
+}
+
+fn start_worker_on(
+    stack: &Stack,
+    redis_url: &str,
+) -> Running<widget_runtime::outbox::worker::WorkerError> {
     let mut settings = WorkerSettings::from_config(&stack.config, "deals").expect("source");
     settings.stats_interval = Duration::from_millis(100);
     settings.backlog_interval = Duration::from_millis(200);
     let mut registry = Registry::default();
     let worker = OutboxWorker::new(
         settings,
-        stack.redis_client(),
+        redis::Client::open(redis_url).expect("redis url"),
         stack.lazy_pool(&stack.product_url),
         &mut registry,
         Readiness::default(),
@@ -88,11 +95,21 @@ fn start_ingester_at(
     core_url: &str,
     batch: usize,
 ) -> Running<widget_runtime::ingest::IngestError> {
+    start_ingester_on(stack, &stack.redis.url(), name, core_url, batch)
+}
+
+fn start_ingester_on(
+    stack: &Stack,
+    redis_url: &str,
+    name: &str,
+    core_url: &str,
+    batch: usize,
+) -> Running<widget_runtime::ingest::IngestError> {
     let mut registry = Registry::default();
     let ingester = Ingester::new(
         &stack.config,
         name.to_string(),
-        stack.redis_client(),
+        redis::Client::open(redis_url).expect("redis url"),
         stack.lazy_pool(core_url),
         &mut registry,
         Readiness::default(),
@@ -132,13 +149,18 @@ impl RunningApi {
 }
 
 async fn start_api(stack: &Stack) -> RunningApi {
+    start_api_on(stack, &stack.redis.url()).await
+}
+
+async fn start_api_on(stack: &Stack, redis_url: &str) -> RunningApi {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let cancel = CancellationToken::new();
     let config = stack.config.clone();
-    let (redis, pool) = (stack.redis_client(), stack.lazy_pool(&stack.core_url));
+    let redis = redis::Client::open(redis_url).expect("redis url");
+    let pool = stack.lazy_pool(&stack.core_url);
     let c = cancel.clone();
     let task = tokio::spawn(async move {
         api::serve(&config, redis, pool, listener, Registry::default(), Readiness::default(), c)
@@ -187,6 +209,15 @@ async fn outbox_counts(pool: &PgPool) -> (i64, i64) {
 
 /// What differs from `expected` in Postgres, the cache and the API; empty when converged.
 async fn differences(stack: &Stack, api: &RunningApi, expected: &Expected) -> Vec<String> {
+    differences_on(stack, &stack.redis.url(), api, expected).await
+}
+
+async fn differences_on(
+    stack: &Stack,
+    redis_url: &str,
+    api: &RunningApi,
+    expected: &Expected,
+) -> Vec<String> {
     let core = stack.pool(&stack.core_url).await;
     let keys: Vec<&str> = expected.keys().map(String::as_str).collect();
     let stored: HashMap<String, (i64, bool)> = store::fetch_many(&core, &keys)
@@ -196,7 +227,13 @@ async fn differences(stack: &Stack, api: &RunningApi, expected: &Expected) -> Ve
         .map(|w| (w.widget_key, (w.data_version, w.deleted)))
         .collect();
     core.close().await;
-    let mut conn = stack.redis_conn().await;
+    let Ok(mut conn) = redis::Client::open(redis_url)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        return vec!["Redis did not answer".into()];
+    };
     let cache = Cache::new(stack.config.key_prefix());
     let cached = cache.get_many(&mut conn, &keys).await.unwrap_or_default();
     let mut served: HashMap<String, i64> = HashMap::new();
@@ -243,9 +280,13 @@ async fn differences(stack: &Stack, api: &RunningApi, expected: &Expected) -> Ve
 }
 
 async fn assert_converged(stack: &Stack, api: &RunningApi, expected: &Expected) {
+    assert_converged_on(stack, &stack.redis.url(), api, expected).await
+}
+
+async fn assert_converged_on(stack: &Stack, redis_url: &str, api: &RunningApi, expected: &Expected) {
     let last = Mutex::new(Vec::new());
     let done = eventually(WAIT, || async {
-        let diffs = differences(stack, api, expected).await;
+        let diffs = differences_on(stack, redis_url, api, expected).await;
         let ok = diffs.is_empty();
         if let Ok(mut l) = last.lock() {
             *l = diffs;
@@ -682,4 +723,150 @@ async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_valu
     ingester.stop().await;
     worker.stop().await;
     api.stop().await;
+}
+
+/// Test 3: a real asynchronous replica that missed the master's last writes is promoted after
+/// the master is killed; the components follow it (behind one address, as a DNS name or a
+/// Sentinel-managed endpoint would give them). Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_a_replica_that_missed_writes_loses_nothing() {
+    let mut stack = Stack::with_config(CONFIG).await;
+    let mut replica = testkit::RedisServer::start_replica_of(&stack.redis)
+        .await
+        .expect("replica");
+    let proxy = testkit::TcpProxy::start(stack.redis.port()).await.expect("proxy");
+    let url = format!("redis://127.0.0.1:{}/", proxy.port());
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    let worker = start_worker_on(&stack, &url);
+    let api = start_api_on(&stack, &url).await;
+    let ingester = start_ingester_on(&stack, &url, "ingester-a", &stack.core_url, 100);
+    produce(&product, 100, 1, 1, &mut expected).await;
+    assert_converged_on(&stack, &url, &api, &expected).await;
+    replica.wait_in_sync(WAIT).await.expect("replica in sync");
+
+    // From here on the replica receives nothing.
+    replica.pause();
+    stack.redis.disconnect_replicas().await.expect("cut the replication link");
+    // Applied and confirmed on the master only: the replica's cache keeps version 1.
+    produce(&product, 100, 1, 2, &mut expected).await;
+    assert_converged_on(&stack, &url, &api, &expected).await;
+    wait_for("outbox drained", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    // Relayed to the master while no ingester runs: only the outbox and the master have them.
+    ingester.stop().await;
+    produce(&product, 100, 1, 3, &mut expected).await;
+    wait_for("relayed", || async {
+        outbox_counts(&product).await == (0, 100)
+    })
+    .await;
+    let before = replayed(&worker);
+
+    stack.redis.kill().await;
+    replica.resume();
+    replica.promote().await.expect("promote");
+    proxy.set_target(replica.port());
+    let ingester = start_ingester_on(&stack, &url, "ingester-b", &stack.core_url, 100);
+
+    assert_converged_on(&stack, &url, &api, &expected).await;
+    wait_for("outbox drained after the failover", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+    assert_eq!(replayed(&worker) - before, 100.0, "the rows the replica missed are replayed");
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// A `tracing` writer into a shared buffer, to read what a component logged.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut b) = self.0.lock() {
+            b.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        self.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+}
+
+/// Test 7: an eviction policy that can evict the stream is an error in the log, a metric and the
+/// stats gauge the operator turns into `RedisEvictionUnsafe`; `noeviction` is none of these.
+/// A current-thread runtime, so the components' tasks log to this test's subscriber.
+#[test]
+fn an_eviction_policy_that_can_drop_the_stream_is_reported() {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let stack = Stack::with_config(CONFIG).await;
+        let mut conn = stack.redis_conn().await;
+        let key = stack.config.stats_key();
+        let gauge = |conn: &redis::aio::MultiplexedConnection| {
+            let (mut conn, key) = (conn.clone(), key.clone());
+            async move {
+                let fields: HashMap<String, String> = conn.hgetall(&key).await.unwrap_or_default();
+                fields.get(stats::field::REDIS_EVICTION_UNSAFE).cloned()
+            }
+        };
+
+        // The safe default first.
+        let ingester = start_ingester(&stack);
+        let worker = start_worker(&stack);
+        wait_for("the safe policy is read", || async {
+            gauge(&conn).await.as_deref() == Some("0")
+        })
+        .await;
+        assert_eq!(ingester.metric("widget_ingest_redis_eviction_unsafe"), 0.0);
+        ingester.stop().await;
+        worker.stop().await;
+        assert!(!logs.text().contains("may evict the stream"));
+
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-lru")
+            .query_async(&mut conn)
+            .await
+            .expect("config set");
+        let ingester = start_ingester(&stack);
+        let worker = start_worker(&stack);
+        wait_for("the unsafe policy is reported", || async {
+            gauge(&conn).await.as_deref() == Some("1")
+                && ingester.metric("widget_ingest_redis_eviction_unsafe") == 1.0
+                && worker.metric("widget_outbox_redis_eviction_unsafe{source=\"deals\"}") == 1.0
+        })
+        .await;
+        let text = logs.text();
+        let line = text
+            .lines()
+            .find(|l| l.contains("may evict the stream"))
+            .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+        assert!(line.contains("ERROR") && line.contains("allkeys-lru"), "{line}");
+        ingester.stop().await;
+        worker.stop().await;
+    });
 }
