@@ -159,6 +159,9 @@ pub struct CacheSpec {
     /// TTL of values the core API back-fills from Postgres.
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub fallback_ttl: String,
+    /// Widgets per second written when the cache is re-warmed from Postgres after Redis lost
+    /// its data; 0 turns the re-warm off.
+    pub warm_rate: u32,
 }
 
 impl Default for CacheSpec {
@@ -167,6 +170,7 @@ impl Default for CacheSpec {
             key_prefix: None,
             ingest_ttl: "7d".into(),
             fallback_ttl: "1h".into(),
+            warm_rate: 5000,
         }
     }
 }
@@ -219,6 +223,16 @@ pub struct SourceSpec {
     #[serde(default = "default_poll_interval")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub poll_interval: String,
+    /// Relayed rows stay in the outbox until the core side confirms them, so they can be
+    /// replayed if Redis loses the stream; a row still unconfirmed after this long is deleted
+    /// anyway (reported as `RetentionExceeded`). At least 1m.
+    #[serde(default = "default_retention")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub retention: String,
+    /// The same bound in rows: beyond it the oldest relayed, unconfirmed rows are deleted.
+    #[serde(default = "default_max_retained_rows")]
+    #[schemars(range(min = 1000))]
+    pub max_retained_rows: u64,
     /// Unset: the operator does not manage the Deployment's replicas (leave them to an HPA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
@@ -235,6 +249,12 @@ fn default_batch_size() -> u32 {
 }
 fn default_poll_interval() -> String {
     "250ms".into()
+}
+fn default_retention() -> String {
+    "24h".into()
+}
+fn default_max_retained_rows() -> u64 {
+    1_000_000
 }
 
 /// Replicas and resources of the ingester or the core API.
@@ -323,6 +343,28 @@ pub struct LiveStatus {
     pub reclaimed: i64,
     pub dead_lettered: i64,
     pub published: i64,
+    /// Outbox rows published again after Redis lost data (all sources).
+    #[serde(default)]
+    pub replayed: i64,
+    /// Times a component found that Redis lost the stream (or restarted) and started a new
+    /// epoch.
+    #[serde(default)]
+    pub redis_loss_detected: i64,
+    /// Relayed rows deleted unconfirmed by a source's `retention` or `maxRetainedRows` cap.
+    #[serde(default)]
+    pub retention_expired: i64,
+    /// Widgets written to the cache by re-warms.
+    #[serde(default)]
+    pub warm_written: i64,
+    /// A cache re-warm from Postgres is running.
+    #[serde(default)]
+    pub warming: bool,
+    /// Redis' `maxmemory-policy`; absent when the operator may not run `CONFIG GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maxmemory_policy: Option<String>,
+    /// The runtime found an `allkeys-*` eviction policy (its own `CONFIG GET` reading).
+    #[serde(default)]
+    pub redis_eviction_unsafe: bool,
     /// cache hits / (hits + misses), absent before the first lookup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_hit_ratio: Option<f64>,
@@ -342,7 +384,15 @@ pub struct LiveStatus {
 #[serde(rename_all = "camelCase")]
 pub struct SourceBacklog {
     pub source: String,
+    /// Unpublished outbox rows (0 until the worker's first count).
     pub rows: i64,
+    /// Relayed rows kept for replay until the core side confirms them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained: Option<i64>,
+    /// The source is deleting relayed, unconfirmed rows past its `retention` or
+    /// `maxRetainedRows`.
+    #[serde(default)]
+    pub retention_capped: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,
 }

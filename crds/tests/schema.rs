@@ -141,6 +141,7 @@ fn bad_durations_are_rejected() {
         ("/spec/sources/0/pollInterval", "soon"),
         ("/spec/reclaim/minIdle", "30 seconds"),
         ("/spec/cache/ingestTtl", "7"),
+        ("/spec/sources/0/retention", "one day"),
     ] {
         let mut wp = sample();
         *wp.pointer_mut(path).expect("field exists in the sample") = json!(bad);
@@ -161,6 +162,8 @@ fn names_sizes_and_secret_refs_are_checked() {
         ("/spec/sources/0/batchSize", json!(0)),
         ("/spec/stream/maxLength", json!(10)),
         ("/spec/reclaim/maxDeliveries", json!(0)),
+        ("/spec/sources/0/maxRetainedRows", json!(999)),
+        ("/spec/cache/warmRate", json!(-1)),
         ("/spec/sources/0/outboxTable", json!("x; drop table y")),
         ("/spec/sources", json!([])),
     ];
@@ -204,13 +207,17 @@ fn defaults_in_the_schema_match_the_runtime() {
     assert_eq!(source["outboxTable"]["default"], "widget_outbox");
     assert_eq!(source["batchSize"]["default"], 500);
     assert_eq!(source["pollInterval"]["default"], "250ms");
+    assert_eq!(source["retention"]["default"], "24h");
+    assert_eq!(source["maxRetainedRows"]["default"], 1_000_000);
+    assert_eq!(source["maxRetainedRows"]["minimum"], 1000.0);
+    assert_eq!(spec["cache"]["properties"]["warmRate"]["minimum"], 0.0);
     assert_eq!(
         spec["reclaim"]["default"],
         json!({"minIdle": "30s", "interval": "15s", "maxDeliveries": 5, "idleConsumerTtl": "1h"})
     );
     assert_eq!(
         spec["cache"]["default"],
-        json!({"ingestTtl": "7d", "fallbackTtl": "1h"})
+        json!({"ingestTtl": "7d", "fallbackTtl": "1h", "warmRate": 5000})
     );
     assert_eq!(
         spec["stream"]["default"],

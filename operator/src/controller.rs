@@ -1,7 +1,8 @@
 //! The WidgetPipeline controller.
 //!
 //! reconcile = read + validate -> render (pure) -> server-side apply of what differs -> prune the
-//! Deployments of removed sources -> probe Redis -> status (patched only when it changed).
+//! Deployments of removed sources -> probe Redis (and the problems its figures show) -> status
+//! (patched only when it changed).
 //! Live figures refresh by requeueing every [`Context::refresh`]; the primary watch passes only
 //! generation changes, so the operator's own status writes never trigger a reconcile.
 
@@ -380,7 +381,10 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
 
     let live = match &secrets.redis_url {
         Some(url) => match probe::probe(url, &rendered.config).await {
-            Ok(live) => Some(live),
+            Ok(live) => {
+                status::live_problems(&live, &mut problems);
+                Some(live)
+            }
             Err(e) => {
                 problems.push(
                     "RedisUnreachable",

@@ -10,6 +10,7 @@
 //! `spec.replicas` is left out when the pipeline does not set it, so an HPA can own it.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
@@ -80,7 +81,15 @@ pub fn api_name(pipeline: &str) -> String {
     format!("{pipeline}-core-api")
 }
 
-/// The runtime's config for this pipeline, validated by the runtime's own rules.
+/// Shortest `sources[].retention`: a shorter one would delete rows an ingester that merely
+/// restarts has not confirmed yet. The operator holds specs to it whatever the runtime accepts.
+pub const MIN_RETENTION: Duration = Duration::from_secs(60);
+/// Smallest `sources[].maxRetainedRows` (also the CRD schema's minimum).
+pub const MIN_RETAINED_ROWS: u64 = 1000;
+
+/// The runtime's config for this pipeline, validated by the runtime's own rules and the bounds
+/// above (the operator's own, so a spec outside them is `InvalidSpec` whatever the runtime
+/// version accepts).
 pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
     let spec = &wp.spec;
     let duration = |field: &str, text: &str| {
@@ -97,6 +106,7 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
             key_prefix: spec.cache.key_prefix.clone(),
             ingest_ttl: duration("cache.ingestTtl", &spec.cache.ingest_ttl)?,
             fallback_ttl: duration("cache.fallbackTtl", &spec.cache.fallback_ttl)?,
+            warm_rate: spec.cache.warm_rate,
         },
         reclaim: ReclaimConfig {
             min_idle: duration("reclaim.minIdle", &spec.reclaim.min_idle)?,
@@ -112,6 +122,20 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
             .iter()
             .enumerate()
             .map(|(i, s)| {
+                let retention = duration(&format!("sources[{i}].retention"), &s.retention)?;
+                if retention < MIN_RETENTION {
+                    return Err(Error::InvalidSpec(format!(
+                        "sources[{i}].retention: must be at least 1m (shorter would delete rows \
+                         an ingester that merely restarts has not confirmed yet), got {}",
+                        s.retention
+                    )));
+                }
+                if s.max_retained_rows < MIN_RETAINED_ROWS {
+                    return Err(Error::InvalidSpec(format!(
+                        "sources[{i}].maxRetainedRows: must be at least {MIN_RETAINED_ROWS}, got {}",
+                        s.max_retained_rows
+                    )));
+                }
                 Ok(SourceConfig {
                     name: s.name.clone(),
                     outbox_table: s.outbox_table.clone(),
@@ -120,6 +144,8 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
                         &format!("sources[{i}].pollInterval"),
                         &s.poll_interval,
                     )?,
+                    retention,
+                    max_retained_rows: s.max_retained_rows,
                 })
             })
             .collect::<Result<_>>()?,

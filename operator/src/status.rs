@@ -29,6 +29,58 @@ impl Problems {
     }
 }
 
+/// Degraded reason: Redis may evict keys without a TTL (the stream, its markers).
+pub const REDIS_EVICTION_UNSAFE: &str = "RedisEvictionUnsafe";
+/// Degraded reason: a source deletes relayed rows the core side has not confirmed.
+pub const RETENTION_EXCEEDED: &str = "RetentionExceeded";
+
+pub use widget_runtime::durability::eviction_unsafe;
+
+/// The problems a successful probe shows, appended after those found before it (spec, Secrets,
+/// Redis reachability), which matter more.
+pub fn live_problems(live: &LiveStatus, problems: &mut Problems) {
+    // The operator's own reading is current; the runtime's gauge stands in where the operator
+    // may not run CONFIG GET (the runtime may have been allowed, or read it earlier).
+    let eviction = match live.maxmemory_policy.as_deref() {
+        Some(policy) => eviction_unsafe(policy).then(|| format!("maxmemory-policy is {policy}")),
+        None => live
+            .redis_eviction_unsafe
+            .then(|| "the runtime reports an allkeys-* maxmemory-policy".to_string()),
+    };
+    if let Some(what) = eviction {
+        problems.push(
+            REDIS_EVICTION_UNSAFE,
+            format!(
+                "Redis {what}: under memory pressure it may evict the stream and its markers \
+                 (events then wait for a replay from the outbox); use noeviction or a volatile-* \
+                 policy"
+            ),
+        );
+    }
+    let capped: Vec<&str> = live
+        .outbox_backlog
+        .iter()
+        .filter(|b| b.retention_capped)
+        .map(|b| b.source.as_str())
+        .collect();
+    if !capped.is_empty() {
+        let (noun, verb) = if capped.len() == 1 {
+            ("source", "deletes")
+        } else {
+            ("sources", "delete")
+        };
+        problems.push(
+            RETENTION_EXCEEDED,
+            format!(
+                "{noun} {} {verb} relayed rows the core side has not confirmed (past retention \
+                 or maxRetainedRows): they can no longer be replayed if Redis loses data; check \
+                 the ingester, or raise the limits",
+                capped.join(", ")
+            ),
+        );
+    }
+}
+
 /// What one reconcile observed.
 #[derive(Debug, Clone)]
 pub struct Observed<'a> {
@@ -319,6 +371,124 @@ mod tests {
                 .message
                 .contains("a 1/2 ready")
         );
+    }
+
+    fn problems_of(live: &LiveStatus) -> Problems {
+        let mut p = Problems::default();
+        live_problems(live, &mut p);
+        p
+    }
+
+    fn source(name: &str, capped: bool) -> widget_crds::SourceBacklog {
+        widget_crds::SourceBacklog {
+            source: name.into(),
+            rows: 0,
+            retained: Some(10),
+            retention_capped: capped,
+            observed_at: None,
+        }
+    }
+
+    #[test]
+    fn an_allkeys_policy_is_redis_eviction_unsafe_and_names_the_policy() {
+        let live = LiveStatus {
+            maxmemory_policy: Some("allkeys-lru".into()),
+            ..LiveStatus::default()
+        };
+        let p = problems_of(&live);
+        let (reason, message) = p.first().expect("a problem");
+        assert_eq!(*reason, REDIS_EVICTION_UNSAFE);
+        assert!(message.contains("allkeys-lru"), "{message}");
+        assert!(
+            message.contains("noeviction") && message.contains("volatile-*"),
+            "{message}"
+        );
+
+        for safe in ["noeviction", "volatile-lru", "volatile-ttl"] {
+            let live = LiveStatus {
+                maxmemory_policy: Some(safe.into()),
+                ..LiveStatus::default()
+            };
+            assert_eq!(problems_of(&live), Problems::default(), "{safe}");
+        }
+    }
+
+    #[test]
+    fn the_runtime_gauge_counts_only_when_the_operator_cannot_read_the_policy() {
+        let unknown = LiveStatus {
+            redis_eviction_unsafe: true,
+            ..LiveStatus::default()
+        };
+        let p = problems_of(&unknown);
+        assert_eq!(p.first().map(|(r, _)| *r), Some(REDIS_EVICTION_UNSAFE));
+        assert!(p.0[0].1.contains("allkeys-*"), "{}", p.0[0].1);
+        // A current reading of a safe policy wins over a gauge not yet refreshed.
+        let fixed = LiveStatus {
+            redis_eviction_unsafe: true,
+            maxmemory_policy: Some("noeviction".into()),
+            ..LiveStatus::default()
+        };
+        assert_eq!(problems_of(&fixed), Problems::default());
+    }
+
+    #[test]
+    fn capped_sources_are_retention_exceeded_and_named() {
+        let live = LiveStatus {
+            outbox_backlog: vec![
+                source("deals", true),
+                source("loyalty", false),
+                source("news", true),
+            ],
+            ..LiveStatus::default()
+        };
+        let p = problems_of(&live);
+        assert_eq!(p.0.len(), 1);
+        let (reason, message) = &p.0[0];
+        assert_eq!(*reason, RETENTION_EXCEEDED);
+        assert!(message.contains("deals, news"), "{message}");
+        assert!(!message.contains("loyalty"), "{message}");
+
+        let fine = LiveStatus {
+            outbox_backlog: vec![source("deals", false)],
+            ..LiveStatus::default()
+        };
+        assert_eq!(problems_of(&fine), Problems::default());
+    }
+
+    #[test]
+    fn live_problems_come_after_the_more_important_ones() {
+        let live = LiveStatus {
+            maxmemory_policy: Some("allkeys-lfu".into()),
+            outbox_backlog: vec![source("deals", true)],
+            ..LiveStatus::default()
+        };
+        let mut problems = Problems::default();
+        problems.push("SecretKeyNotFound", "Secret key core-db/url not found");
+        live_problems(&live, &mut problems);
+        let reasons: Vec<&str> = problems.0.iter().map(|(r, _)| *r).collect();
+        assert_eq!(
+            reasons,
+            [
+                "SecretKeyNotFound",
+                REDIS_EVICTION_UNSAFE,
+                RETENTION_EXCEEDED
+            ]
+        );
+
+        // Alone, the first live problem is what Degraded and Ready say.
+        let mut problems = Problems::default();
+        live_problems(&live, &mut problems);
+        let expected = vec!["a".to_string()];
+        let deps = vec![deployment("a", 1, 1)];
+        let mut o = observe(&expected, &deps, &problems, Timestamp::now());
+        o.live = Some(live);
+        let s = build(&o, None);
+        let degraded = get(&s, condition::DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", REDIS_EVICTION_UNSAFE)
+        );
+        assert_eq!(get(&s, condition::READY).reason, REDIS_EVICTION_UNSAFE);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The status probe against a real Redis: a real stream, consumer group, pending entries and the
 //! runtime's stats hash. The figures must equal what Redis itself says.
 
+use k8s_openapi::jiff::Timestamp;
 use redis::AsyncCommands;
 use redis::streams::{StreamInfoGroupsReply, StreamReadOptions, StreamReadReply};
 use testkit::RedisServer;
-use widget_crds::SourceBacklog;
+use widget_crds::{LiveStatus, SourceBacklog, condition};
 use widget_operator::probe;
+use widget_operator::status::{self, Observed, Problems};
 use widget_runtime::config::Config;
 use widget_runtime::stats::field;
 
@@ -77,6 +79,21 @@ async fn figures_equal_what_redis_says() {
         .hset(&stats_key, field::INGRESS_LAG_P99_MS, 95)
         .hset(&stats_key, field::INGRESS_LAG_AT, 1_700_000_001_000i64)
         .hset(&stats_key, field::UPDATED_AT, 1_700_000_002_000i64)
+        .hset(&stats_key, field::REPLAYED, 30)
+        .hset(&stats_key, field::REDIS_LOSS_DETECTED, 1)
+        .hset(&stats_key, field::RETENTION_EXPIRED, 4)
+        .hset(&stats_key, field::WARM_WRITTEN, 900)
+        .hset(&stats_key, field::WARM_ACTIVE, 1)
+        .hset(
+            &stats_key,
+            format!("{}deals", field::OUTBOX_RETAINED_PREFIX),
+            25,
+        )
+        .hset(
+            &stats_key,
+            format!("{}deals", field::OUTBOX_RETENTION_CAPPED_PREFIX),
+            0,
+        )
         .query_async(&mut con)
         .await
         .expect("stats");
@@ -109,6 +126,18 @@ async fn figures_equal_what_redis_says() {
         ),
         (40, 2, 1, 6, 1, 47)
     );
+    assert_eq!(
+        (
+            live.replayed,
+            live.redis_loss_detected,
+            live.retention_expired,
+            live.warm_written,
+            live.warming
+        ),
+        (30, 1, 4, 900, true)
+    );
+    // testkit's Redis runs with the server default.
+    assert_eq!(live.maxmemory_policy.as_deref(), Some("noeviction"));
     assert_eq!(live.cache_hit_ratio, Some(0.75));
     // Only the source that reported a backlog is listed.
     assert_eq!(
@@ -116,6 +145,8 @@ async fn figures_equal_what_redis_says() {
         [SourceBacklog {
             source: "deals".into(),
             rows: 12,
+            retained: Some(25),
+            retention_capped: false,
             observed_at: live.outbox_backlog[0].observed_at.clone(),
         }]
     );
@@ -185,4 +216,147 @@ async fn a_stopped_redis_is_an_error_quickly() {
         .await
         .expect_err("Redis is down");
     assert!(started.elapsed() < probe::PROBE_TIMEOUT * 2, "{err}");
+}
+
+/// The status a reconcile would write for these figures (no Deployments expected).
+fn status_for(live: LiveStatus) -> widget_crds::WidgetPipelineStatus {
+    let mut problems = Problems::default();
+    status::live_problems(&live, &mut problems);
+    status::build(
+        &Observed {
+            generation: Some(1),
+            paused: false,
+            sources: 2,
+            expected: &[],
+            deployments: &[],
+            problems: &problems,
+            config_hash: None,
+            live: Some(live),
+            now: Timestamp::now(),
+        },
+        None,
+    )
+}
+
+fn degraded(s: &widget_crds::WidgetPipelineStatus) -> (String, String, String) {
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::DEGRADED)
+        .expect("Degraded condition");
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+#[tokio::test]
+async fn an_allkeys_eviction_policy_degrades_the_pipeline() {
+    let redis = RedisServer::start().await.expect("redis starts");
+    let mut con = redis.connection().await.expect("connect");
+    let config = config();
+
+    // Redis' default is safe.
+    let live = probe::probe(&redis.url(), &config).await.expect("probe");
+    assert_eq!(live.maxmemory_policy.as_deref(), Some("noeviction"));
+    let (status, reason, _) = degraded(&status_for(live));
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "AsExpected"));
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut con)
+        .await
+        .expect("config set");
+    let live = probe::probe(&redis.url(), &config).await.expect("probe");
+    assert_eq!(live.maxmemory_policy.as_deref(), Some("allkeys-lru"));
+    let (status, reason, message) = degraded(&status_for(live));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "RedisEvictionUnsafe")
+    );
+    assert!(
+        message.contains("allkeys-lru") && message.contains("noeviction"),
+        "{message}"
+    );
+
+    // A volatile-* policy only evicts keys with a TTL: safe again.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query_async(&mut con)
+        .await
+        .expect("config set");
+    let live = probe::probe(&redis.url(), &config).await.expect("probe");
+    let (status, _, _) = degraded(&status_for(live));
+    assert_eq!(status, "False");
+}
+
+#[tokio::test]
+async fn a_refused_config_get_is_an_unknown_policy_not_a_failed_probe() {
+    let redis = RedisServer::start().await.expect("redis starts");
+    let mut con = redis.connection().await.expect("connect");
+    let config = config();
+    // A user like a managed service's: everything but CONFIG.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "probe", "on", ">secret", "~*", "&*", "+@all", "-config",
+        ])
+        .query_async(&mut con)
+        .await
+        .expect("acl setuser");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut con)
+        .await
+        .expect("config set");
+    let _: () = con
+        .hset(config.stats_key(), field::APPLIED, 5)
+        .await
+        .expect("stats");
+    let url = format!("redis://probe:secret@127.0.0.1:{}/", redis.port());
+
+    let live = probe::probe(&url, &config).await.expect("probe succeeds");
+    assert_eq!(live.maxmemory_policy, None);
+    assert_eq!(live.applied, 5, "the other figures are still read");
+    let (status, _, _) = degraded(&status_for(live));
+    assert_eq!(status, "False", "unknown is not unsafe");
+
+    // The runtime's own reading (its gauge) stands in for the operator's.
+    let _: () = con
+        .hset(config.stats_key(), field::REDIS_EVICTION_UNSAFE, 1)
+        .await
+        .expect("gauge");
+    let live = probe::probe(&url, &config).await.expect("probe succeeds");
+    assert!(live.redis_eviction_unsafe);
+    let (status, reason, _) = degraded(&status_for(live));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "RedisEvictionUnsafe")
+    );
+}
+
+#[tokio::test]
+async fn a_capped_source_is_retention_exceeded() {
+    let redis = RedisServer::start().await.expect("redis starts");
+    let mut con = redis.connection().await.expect("connect");
+    let config = config();
+    let _: () = con
+        .hset(
+            config.stats_key(),
+            format!("{}loyalty", field::OUTBOX_RETENTION_CAPPED_PREFIX),
+            1,
+        )
+        .await
+        .expect("gauge");
+    let live = probe::probe(&redis.url(), &config).await.expect("probe");
+    assert_eq!(live.outbox_backlog.len(), 1);
+    assert!(live.outbox_backlog[0].retention_capped);
+    let (status, reason, message) = degraded(&status_for(live));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "RetentionExceeded")
+    );
+    assert!(message.contains("loyalty"), "{message}");
 }

@@ -671,6 +671,52 @@ async fn unreachable_redis_degrades_but_the_rest_of_the_status_is_written() {
 }
 
 #[tokio::test]
+async fn an_allkeys_eviction_policy_degrades_with_a_warning_but_the_reconcile_succeeds() {
+    let redis = RedisServer::start().await.expect("redis");
+    let mut con = redis.connection().await.expect("connect");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lfu")
+        .query_async(&mut con)
+        .await
+        .expect("config set");
+    let wp = pipeline();
+    let mut script = secret_steps(&redis.url());
+    script.extend(list_steps(vec![], vec![], vec![]));
+    script.extend(apply_steps(&["deals"]));
+    script.push(event_step());
+    script.push(status_step(&wp));
+    script.push(event_step());
+    let run = run(wp, script).await;
+    assert_eq!(
+        run.result.expect("reconcile"),
+        Action::requeue(Duration::from_secs(15))
+    );
+    let status = patched_status(&run.seen);
+    let degraded = cond(&status, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "RedisEvictionUnsafe")
+    );
+    assert!(
+        degraded.message.contains("allkeys-lfu"),
+        "{}",
+        degraded.message
+    );
+    let live = status.live.as_ref().expect("live figures");
+    assert_eq!(live.maxmemory_policy.as_deref(), Some("allkeys-lfu"));
+    let warning = run
+        .seen
+        .iter()
+        .rev()
+        .find(|s| s.path == EVENTS)
+        .expect("warning event");
+    assert_eq!(warning.body["type"], "Warning");
+    assert_eq!(warning.body["reason"], "RedisEvictionUnsafe");
+}
+
+#[tokio::test]
 async fn invalid_spec_is_reported_and_waits_for_a_change() {
     let mut wp = pipeline();
     wp.spec.sources[0].poll_interval = "soon".into();

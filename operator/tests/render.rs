@@ -126,6 +126,9 @@ fn config_map_is_the_runtime_config_format() {
     assert_eq!(config.reclaim.max_deliveries, 5);
     assert_eq!(config.sources.len(), 1);
     assert_eq!(config.sources[0].poll_interval, Duration::from_millis(250));
+    assert_eq!(config.sources[0].retention, Duration::from_secs(24 * 3600));
+    assert_eq!(config.sources[0].max_retained_rows, 1_000_000);
+    assert_eq!(config.cache.warm_rate, 5000);
     assert_eq!(
         config.screens[0].widgets,
         ["deals.top-picks", "loyalty.points:{user}"]
@@ -141,6 +144,21 @@ fn sub_millisecond_durations_survive_the_config_map() {
     let config = Config::from_yaml_str(text).expect("the runtime loads the rendered config");
     assert_eq!(config, r.config);
     assert_eq!(config.sources[0].poll_interval, Duration::from_micros(1500));
+}
+
+#[test]
+fn retention_and_warm_rate_reach_the_runtime_config() {
+    let mut wp = sample();
+    wp.spec.sources[0].retention = "1h30m".into();
+    wp.spec.sources[0].max_retained_rows = 50_000;
+    wp.spec.cache.warm_rate = 200;
+    let r = rendered(&wp);
+    let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
+    let config = Config::from_yaml_str(text).expect("the runtime loads the rendered config");
+    assert_eq!(config, r.config);
+    assert_eq!(config.sources[0].retention, Duration::from_secs(5400));
+    assert_eq!(config.sources[0].max_retained_rows, 50_000);
+    assert_eq!(config.cache.warm_rate, 200);
 }
 
 #[test]
@@ -424,6 +442,37 @@ fn specs_the_runtime_would_refuse_are_invalid() {
         matches!(e, Error::InvalidSpec(ref m) if m.contains("sources[0].pollInterval")),
         "{e}"
     );
+
+    // The schema accepts any duration; the runtime's minimum of 1m is checked here.
+    let mut wp = sample();
+    wp.spec.sources[0].retention = "30s".into();
+    let e = render::render(&wp, &versions()).expect_err("retention under 1m");
+    assert!(
+        matches!(e, Error::InvalidSpec(ref m) if m.contains("sources[0].retention") && m.contains("at least 1m")),
+        "{e}"
+    );
+
+    let mut wp = sample();
+    wp.spec.sources[0].retention = "a day".into();
+    let e = render::render(&wp, &versions()).expect_err("bad duration");
+    assert!(
+        matches!(e, Error::InvalidSpec(ref m) if m.contains("sources[0].retention")),
+        "{e}"
+    );
+
+    // Below the schema's minimums: rejected whatever the runtime version accepts.
+    let mut wp = sample();
+    wp.spec.sources[0].max_retained_rows = 10;
+    let e = render::render(&wp, &versions()).expect_err("too few retained rows");
+    assert!(
+        matches!(e, Error::InvalidSpec(ref m) if m.contains("sources[0].maxRetainedRows")),
+        "{e}"
+    );
+    // warmRate 0 is valid: it turns the re-warm off.
+    let mut wp = sample();
+    wp.spec.cache.warm_rate = 0;
+    let rendered = render::render(&wp, &versions()).expect("warm rate 0 renders");
+    assert_eq!(rendered.config.cache.warm_rate, 0);
 
     let mut wp = sample();
     let dup = wp.spec.sources[0].clone();
