@@ -1,7 +1,7 @@
 //! Ingest throughput and ingress lag next to same-run baselines.
 //!
-//! `cargo bench -p widget-runtime --bench ingest [-- EVENTS RATE SECONDS]`
-//! (defaults: 20000 events, 2000 events/s offered for 5 s)
+//! `cargo bench -p widget-runtime --bench ingest [-- EVENTS RATE SECONDS PIPELINE_RATE]`
+//! (defaults: 20000 events, 2000 events/s offered for 5 s, 5000 events/s through the pipeline)
 //!
 //! Starts private Postgres and Redis servers (testkit), then measures with the same rows
 //! (about 1 KB of JSON each, 1000 distinct keys, increasing versions):
@@ -9,7 +9,14 @@
 //! - baseline: raw pipelined SET of the finished cache values (batches of 500);
 //! - the ingester draining a pre-filled stream (decode, upsert, guarded cache script, XACK);
 //! - the ingester at a fixed offered rate: ingress lag (XADD time to ACK) p50/p99, from the
-//!   stats hash the ingester flushes (millisecond resolution).
+//!   stats hash the ingester flushes (millisecond resolution);
+//! - the whole pipeline at a fixed rate, with retention on: outbox INSERT (producer library) ->
+//!   outbox-worker -> ingester ACK, lag from the outbox row's insert, and the most rows retained;
+//! - the cache re-warm after Redis comes back empty: widgets written per second, and the
+//!   Postgres reads per second of a core-api serving a steady reader meanwhile.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -164,6 +171,7 @@ async fn main() {
     let events = args.next().unwrap_or(20_000) as usize;
     let rate = args.next().unwrap_or(2_000).max(1);
     let seconds = args.next().unwrap_or(5).max(1);
+    let pipeline_rate = args.next().unwrap_or(5_000).max(1);
 
     let (pg, redis) = tokio::join!(PgServer::start(), RedisServer::start());
     let (pg, redis) = (pg.expect("postgres"), redis.expect("redis"));
@@ -254,6 +262,10 @@ async fn main() {
         .await
         .expect("stats");
 
+    let (pipe_total, pipe_took, pipe_lag, max_retained) =
+        pipeline(&pg, &redis, pipeline_rate, seconds).await;
+    let warm = rewarm(&pg, &redis, events).await;
+
     println!();
     println!(
         "ingest: {events} events of ~{} bytes over 1000 keys; batches of {BATCH}; fixed rate {rate}/s for {seconds}s",
@@ -293,5 +305,205 @@ async fn main() {
         steady_took,
         lag.0.zip(lag.1),
     );
+    row(
+        &format!("pipeline {pipeline_rate}/s: outbox INSERT -> ACK, retention"),
+        pipe_total,
+        pipe_took,
+        pipe_lag,
+    );
+    println!("(pipeline row: at most {max_retained} relayed rows retained awaiting confirmation)");
     println!();
+    println!("re-warm: {} widgets in Postgres, Redis empty, warmRate {}/s, a reader of 50-key requests on one core-api", warm.widgets, warm.rate);
+    println!("| {:<36} | {:>8} | {:>10} | {:>14} |", "phase", "seconds", "widgets/s", "API PG reads/s");
+    println!("|{:-<38}|{:-<10}|{:-<12}|{:-<16}|", "", "", "", "");
+    println!(
+        "| {:<36} | {:>8.2} | {:>10} | {:>14.1} |",
+        "cold cache, no re-warm (1 s)", 1.0, "-", warm.cold_reads_per_s
+    );
+    println!(
+        "| {:<36} | {:>8.2} | {:>10.0} | {:>14.1} |",
+        "during the re-warm",
+        warm.took.as_secs_f64(),
+        warm.widgets as f64 / warm.took.as_secs_f64(),
+        warm.reads_during as f64 / warm.took.as_secs_f64()
+    );
+    println!(
+        "| {:<36} | {:>8.2} | {:>10} | {:>14.1} |",
+        "after the re-warm (2 s)", 2.0, "-", warm.reads_after / 2.0
+    );
+    println!();
+}
+
+/// The whole pipeline at `rate` events/s for `seconds`: the producer library's INSERT, one
+/// outbox-worker, one ingester. Returns (events, seconds until drained, lag p50/p99 from the
+/// ingester's stats, most retained rows seen).
+async fn pipeline(
+    pg: &PgServer,
+    redis: &RedisServer,
+    rate: u64,
+    seconds: u64,
+) -> (usize, Duration, Option<(i64, i64)>, i64) {
+    let config = config("pipeline");
+    let (core_url, _core) = migrated(pg).await;
+    let product_url = pg.fresh_database().await.expect("product db");
+    let product = PgPool::connect(&product_url).await.expect("product pool");
+    store::migrate(&store::PRODUCT_MIGRATIONS, &product)
+        .await
+        .expect("product migrations");
+    let (cancel, handle) = start(&config, redis, &core_url, Duration::from_secs(3600));
+    let worker = widget_runtime::outbox::worker::OutboxWorker::new(
+        widget_runtime::outbox::worker::WorkerSettings::from_config(&config, "deals")
+            .expect("source"),
+        redis::Client::open(redis.url()).expect("redis url"),
+        widget_runtime::connect::pg_pool(&product_url, 4).expect("pool"),
+        &mut Registry::default(),
+        Readiness::default(),
+    );
+    let worker_task = tokio::spawn(worker.run(cancel.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tick = Duration::from_millis(10);
+    let per_tick = ((rate as f64) * tick.as_secs_f64()).max(1.0) as usize;
+    let total = (rate * seconds) as usize;
+    let (mut sent, mut max_retained) = (0usize, 0i64);
+    let t = Instant::now();
+    let mut next = Instant::now();
+    let mut last_sample = Instant::now();
+    while sent < total {
+        let n = per_tick.min(total - sent);
+        let events: Vec<widget_runtime::WidgetEvent> = (sent..sent + n)
+            .map(|i| {
+                let e = event(i);
+                widget_runtime::WidgetEvent::upsert(
+                    e.widget_key,
+                    e.widget_type,
+                    e.data_version,
+                    serde_json::from_slice(&e.content.unwrap_or_default()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let mut tx = product.begin().await.expect("begin");
+        widget_runtime::Outbox::enqueue_all(&mut tx, &events)
+            .await
+            .expect("enqueue");
+        tx.commit().await.expect("commit");
+        sent += n;
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            let retained: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM widget_outbox WHERE published_at IS NOT NULL",
+            )
+            .fetch_one(&product)
+            .await
+            .expect("count");
+            max_retained = max_retained.max(retained);
+        }
+        next += tick;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let mut conn = redis.connection().await.expect("redis");
+    wait_drained(&mut conn, &config).await;
+    let took = t.elapsed();
+    cancel.cancel();
+    handle.await.expect("ingester task");
+    let _ = worker_task.await;
+    let lag: (Option<i64>, Option<i64>) = redis::pipe()
+        .hget(config.stats_key(), stats::field::INGRESS_LAG_P50_MS)
+        .hget(config.stats_key(), stats::field::INGRESS_LAG_P99_MS)
+        .query_async(&mut conn)
+        .await
+        .expect("stats");
+    (total, took, lag.0.zip(lag.1), max_retained)
+}
+
+struct Rewarm {
+    widgets: usize,
+    rate: u32,
+    took: Duration,
+    cold_reads_per_s: f64,
+    reads_during: f64,
+    reads_after: f64,
+}
+
+/// `widgets` widgets in Postgres, an empty cache, a core-api with a steady reader: the reader's
+/// Postgres reads with a cold cache for one second, then while an ingester re-warms, then after.
+async fn rewarm(pg: &PgServer, redis: &RedisServer, widgets: usize) -> Rewarm {
+    let config = config("rewarm");
+    let (core_url, core) = migrated(pg).await;
+    let all: Vec<Change> = (0..widgets)
+        .map(|n| {
+            let mut e = event(n);
+            e.widget_key = format!("deals.w-{n}");
+            change(&e)
+        })
+        .collect();
+    for chunk in all.chunks(BATCH) {
+        store::apply_batch(&core, chunk).await.expect("seed");
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let stop = CancellationToken::new();
+    let api = {
+        let (config, stop) = (config.clone(), stop.clone());
+        let client = redis::Client::open(redis.url()).expect("redis url");
+        let pool = widget_runtime::connect::pg_pool(&core_url, 8).expect("pool");
+        tokio::spawn(async move {
+            widget_runtime::api::serve(&config, client, pool, listener, Registry::default(), Readiness::default(), stop).await
+        })
+    };
+    let reads = |addr: String| async move {
+        let r = support::http_get(&addr, "/metrics", &[]).await;
+        r.and_then(|r| support::metric_value(&r.body, "widget_api_fallback_reads_total"))
+            .unwrap_or(0.0)
+    };
+    while support::http_get(&addr, "/readyz", &[]).await.map(|r| r.status) != Some(200) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reader = {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.is_cancelled() {
+                let keys: Vec<String> = (0..50)
+                    .map(|j| format!("deals.w-{}", (i * 50 + j * 7919) % widgets))
+                    .collect();
+                let _ = support::http_get(&addr, &format!("/v1/widgets?keys={}", keys.join(",")), &[]).await;
+                i += 1;
+            }
+        })
+    };
+    let r0 = reads(addr.clone()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r1 = reads(addr.clone()).await;
+    let t = Instant::now();
+    let (cancel, handle) = start(&config, redis, &core_url, Duration::from_millis(100));
+    let mut conn = redis.connection().await.expect("redis");
+    loop {
+        let (epoch, done): (Option<String>, Option<String>) = redis::pipe()
+            .get(config.epoch_key())
+            .get(config.warm_key("done"))
+            .query_async(&mut conn)
+            .await
+            .expect("warm state");
+        if epoch.is_some() && epoch == done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = t.elapsed();
+    let r2 = reads(addr.clone()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r3 = reads(addr.clone()).await;
+    stop.cancel();
+    cancel.cancel();
+    let _ = reader.await;
+    let _ = api.await;
+    handle.await.expect("ingester task");
+    Rewarm {
+        widgets,
+        rate: config.cache.warm_rate,
+        took,
+        cold_reads_per_s: r1 - r0,
+        reads_during: r2 - r1,
+        reads_after: r3 - r2,
+    }
 }

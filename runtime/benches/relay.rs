@@ -5,8 +5,10 @@
 //! Starts private Postgres and Redis servers (testkit), then measures with the same payloads:
 //! - raw batched INSERT of outbox rows (UNNEST, batches of 500): the producer-side ceiling;
 //! - raw pipelined XADD (batches of 500): the Redis-side ceiling;
-//! - the outbox-worker relaying a pre-filled outbox (claim, XADD pipeline, delete, commit),
-//!   with one worker and with two workers on the same source.
+//! - the outbox-worker relaying a pre-filled outbox (claim, XADD pipeline, mark published,
+//!   commit), with one worker and with two workers on the same source;
+//! - the retained rows deleted once confirmed (the confirmations an ingester would add);
+//! - the replay after Redis lost the stream (FLUSHALL): every retained row published again.
 
 use std::time::{Duration, Instant};
 
@@ -73,9 +75,13 @@ async fn raw_xadd(redis: &RedisServer, events: &[WidgetEvent]) -> Duration {
     start.elapsed()
 }
 
-async fn relay(config: &Config, redis: &RedisServer, pool: &PgPool, workers: usize) -> Duration {
+fn start_workers(
+    config: &Config,
+    redis: &RedisServer,
+    pool: &PgPool,
+    workers: usize,
+) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
     let cancel = CancellationToken::new();
-    let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..workers {
         let settings = WorkerSettings::from_config(config, "deals").expect("source");
@@ -86,33 +92,103 @@ async fn relay(config: &Config, redis: &RedisServer, pool: &PgPool, workers: usi
             &mut Registry::default(),
             Readiness::default(),
         );
-        tasks.push(tokio::spawn(w.run(cancel.clone())));
+        let c = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = w.run(c).await;
+        }));
     }
-    loop {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
-            .fetch_one(pool)
+    (cancel, tasks)
+}
+
+async fn stop(cancel: CancellationToken, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    cancel.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect("count")
+}
+
+async fn wait_until_zero(pool: &PgPool, sql: &'static str) {
+    while count(pool, sql).await > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+const UNPUBLISHED: &str = "SELECT count(*) FROM widget_outbox WHERE published_at IS NULL";
+const ROWS: &str = "SELECT count(*) FROM widget_outbox";
+
+/// Until every row is relayed (marked published; retained until confirmed).
+async fn relay(config: &Config, redis: &RedisServer, pool: &PgPool, workers: usize) -> Duration {
+    let start = Instant::now();
+    let (cancel, tasks) = start_workers(config, redis, pool, workers);
+    wait_until_zero(pool, UNPUBLISHED).await;
+    let took = start.elapsed();
+    stop(cancel, tasks).await;
+    took
+}
+
+/// Retained rows deleted once the ingester's confirmations (added here at once) come in.
+async fn confirm(config: &Config, redis: &RedisServer, pool: &PgPool) -> Duration {
+    let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT id, data_version FROM widget_outbox")
+        .fetch_all(pool)
+        .await
+        .expect("ids");
+    let members: Vec<String> = rows.iter().map(|(id, v)| format!("{id}:{v}")).collect();
+    let mut conn = redis.connection().await.expect("redis");
+    for chunk in members.chunks(BATCH) {
+        let () = redis::cmd("SADD")
+            .arg(config.confirmed_key("deals"))
+            .arg(chunk)
+            .query_async(&mut conn)
             .await
-            .expect("count");
-        if left == 0 {
+            .expect("sadd");
+    }
+    let start = Instant::now();
+    let (cancel, tasks) = start_workers(config, redis, pool, 1);
+    wait_until_zero(pool, ROWS).await;
+    let took = start.elapsed();
+    stop(cancel, tasks).await;
+    took
+}
+
+/// Redis loses everything while a worker runs with every row retained: time until each row is
+/// published again.
+async fn replay(config: &Config, redis: &RedisServer, pool: &PgPool, events: usize) -> Duration {
+    let (cancel, tasks) = start_workers(config, redis, pool, 1);
+    wait_until_zero(pool, UNPUBLISHED).await;
+    let mut conn = redis.connection().await.expect("redis");
+    let start = Instant::now();
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("flushall");
+    // The replay unpublishes every row first, then relays them all again.
+    loop {
+        let len: usize = redis::cmd("XLEN")
+            .arg(config.stream_name())
+            .query_async(&mut conn)
+            .await
+            .expect("xlen");
+        if len >= events && count(pool, UNPUBLISHED).await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = start.elapsed();
-    cancel.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
+    stop(cancel, tasks).await;
     took
 }
 
-fn row(name: &str, events: usize, took: Duration, baseline: Option<Duration>) {
+/// "vs XADD" is time over the XADD baseline's time; "vs INSERT" is throughput over the raw
+/// INSERT's throughput (the producer-side ceiling the relay should stay close to).
+fn row(name: &str, events: usize, took: Duration, xadd: Option<Duration>, insert: Duration) {
     let rate = events as f64 / took.as_secs_f64();
-    let vs = baseline
+    let vs = xadd
         .map(|b| format!("{:>6.2}x", took.as_secs_f64() / b.as_secs_f64()))
         .unwrap_or_else(|| "      -".into());
+    let vs_insert = insert.as_secs_f64() / took.as_secs_f64();
     println!(
-        "| {name:<44} | {events:>8} | {:>9.1} | {rate:>12.0} | {vs} |",
+        "| {name:<44} | {events:>8} | {:>9.1} | {rate:>12.0} | {vs} | {vs_insert:>8.2}x |",
         took.as_secs_f64() * 1000.0
     );
 }
@@ -143,32 +219,35 @@ async fn main() {
     let insert = fill_outbox(&pool, &data).await;
     let xadd = raw_xadd(&redis, &data).await;
     let one = relay(&config, &redis, &pool, 1).await;
+    let confirmed = confirm(&config, &redis, &pool).await;
     fill_outbox(&pool, &data).await;
     let two = relay(&config, &redis, &pool, 2).await;
+    let replayed = replay(&config, &redis, &pool, events).await;
 
     println!(
         "\nOutbox relay, {events} events of ~1 KB, batches of {BATCH} (Postgres and Redis on this machine)\n"
     );
     println!(
-        "| {:<44} | {:>8} | {:>9} | {:>12} | {:>7} |",
-        "what", "events", "ms", "events/s", "vs XADD"
+        "| {:<44} | {:>8} | {:>9} | {:>12} | {:>7} | {:>9} |",
+        "what", "events", "ms", "events/s", "vs XADD", "vs INSERT"
     );
     println!(
-        "|{}|{}|{}|{}|{}|",
+        "|{}|{}|{}|{}|{}|{}|",
         "-".repeat(46),
         "-".repeat(10),
         "-".repeat(11),
         "-".repeat(14),
-        "-".repeat(9)
+        "-".repeat(9),
+        "-".repeat(11)
     );
-    row(
-        "baseline: raw batched INSERT into the outbox",
-        events,
-        insert,
-        None,
-    );
-    row("baseline: raw pipelined XADD", events, xadd, Some(xadd));
-    row("outbox-worker relay, 1 worker", events, one, Some(xadd));
-    row("outbox-worker relay, 2 workers", events, two, Some(xadd));
+    let row = |name: &str, took: Duration, xadd_base: Option<Duration>| {
+        row(name, events, took, xadd_base, insert)
+    };
+    row("baseline: raw batched INSERT into the outbox", insert, None);
+    row("baseline: raw pipelined XADD", xadd, Some(xadd));
+    row("outbox-worker relay, 1 worker", one, Some(xadd));
+    row("outbox-worker relay, 2 workers", two, Some(xadd));
+    row("retained rows deleted on confirmation", confirmed, None);
+    row("replay after Redis lost the stream", replayed, Some(xadd));
     println!();
 }

@@ -147,15 +147,39 @@ pub fn outbox_id(event_id: &str, source: &str) -> Option<i64> {
     id.parse().ok().filter(|id: &i64| *id > 0)
 }
 
-/// Outbox ids to confirm, grouped by their source's confirmation set.
+/// One outbox row as a confirmation names it: its id and its event's version. The version
+/// keeps a stale confirmation (left in Redis while a worker was down) from deleting an
+/// unrelated row that reuses the id after the outbox table was re-created or restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowRef {
+    pub id: i64,
+    pub version: i64,
+}
+
+impl RowRef {
+    /// The set member: `<id>:<version>`.
+    pub fn member(&self) -> String {
+        format!("{}:{}", self.id, self.version)
+    }
+
+    pub fn parse(member: &str) -> Option<Self> {
+        let (id, version) = member.split_once(':')?;
+        Some(Self {
+            id: id.parse().ok()?,
+            version: version.parse().ok()?,
+        })
+    }
+}
+
+/// Outbox rows to confirm, grouped by their source's confirmation set.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Confirmations(Vec<(String, Vec<i64>)>);
+pub struct Confirmations(Vec<(String, Vec<String>)>);
 
 impl Confirmations {
-    pub fn add(&mut self, key: String, id: i64) {
+    pub fn add(&mut self, key: String, row: RowRef) {
         match self.0.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, ids)) => ids.push(id),
-            None => self.0.push((key, vec![id])),
+            Some((_, members)) => members.push(row.member()),
+            None => self.0.push((key, vec![row.member()])),
         }
     }
 
@@ -171,31 +195,31 @@ impl Confirmations {
     }
 }
 
-/// The confirmed outbox ids of one set, at most `count` of them (any order).
+/// At most `count` members of one confirmation set (any order), as written; members that do
+/// not parse are returned too, so they can be removed.
 pub async fn read_confirmed<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     count: usize,
-) -> redis::RedisResult<Vec<i64>> {
-    let members: Vec<String> = redis::cmd("SRANDMEMBER")
+) -> redis::RedisResult<Vec<String>> {
+    redis::cmd("SRANDMEMBER")
         .arg(key)
         .arg(count.max(1))
         .query_async(conn)
-        .await?;
-    Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
+        .await
 }
 
 /// Removes confirmations whose rows are gone from the outbox (idempotent: several workers of
-/// one source may read and remove the same ids).
+/// one source may read and remove the same members).
 pub async fn forget_confirmed<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
-    ids: &[i64],
+    members: &[String],
 ) -> redis::RedisResult<()> {
-    if ids.is_empty() {
+    if members.is_empty() {
         return Ok(());
     }
-    redis::cmd("SREM").arg(key).arg(ids).query_async(conn).await
+    redis::cmd("SREM").arg(key).arg(members).query_async(conn).await
 }
 
 /// Redis' `maxmemory-policy`, or `None` when CONFIG is not allowed (managed services).
@@ -304,15 +328,22 @@ mod tests {
     }
 
     #[test]
-    fn confirmations_group_by_set() {
+    fn confirmations_group_by_set_and_name_id_and_version() {
+        let row = |id, version| RowRef { id, version };
         let mut c = Confirmations::default();
-        c.add("a".into(), 1);
-        c.add("b".into(), 2);
-        c.add("a".into(), 3);
+        c.add("a".into(), row(1, 7));
+        c.add("b".into(), row(2, 1));
+        c.add("a".into(), row(3, 9));
         assert_eq!(
             c,
-            Confirmations(vec![("a".into(), vec![1, 3]), ("b".into(), vec![2])])
+            Confirmations(vec![
+                ("a".into(), vec!["1:7".into(), "3:9".into()]),
+                ("b".into(), vec!["2:1".into()])
+            ])
         );
+        assert_eq!(RowRef::parse("12:34"), Some(row(12, 34)));
+        assert_eq!(RowRef::parse("12"), None);
+        assert_eq!(RowRef::parse("x:1"), None);
     }
 
     #[test]

@@ -207,11 +207,8 @@ async fn outbox_counts(pool: &PgPool) -> (i64, i64) {
     .expect("count")
 }
 
-/// What differs from `expected` in Postgres, the cache and the API; empty when converged.
-async fn differences(stack: &Stack, api: &RunningApi, expected: &Expected) -> Vec<String> {
-    differences_on(stack, &stack.redis.url(), api, expected).await
-}
-
+/// What differs from `expected` in Postgres, the cache (at `redis_url`) and the API; empty
+/// when converged.
 async fn differences_on(
     stack: &Stack,
     redis_url: &str,

@@ -32,7 +32,7 @@ pub(super) struct Valid {
     pub change: Change,
     pub produced_at_us: i64,
     /// The outbox row it came from, when a worker of its source relayed it.
-    pub outbox_id: Option<i64>,
+    pub outbox_row: Option<durability::RowRef>,
 }
 
 /// Decodes one entry, or says why it must be dead-lettered.
@@ -50,7 +50,10 @@ pub(super) fn decode(entry: &Entry) -> Result<Valid, (&'static str, String)> {
     Ok(Valid {
         id: entry.id.clone(),
         produced_at_us: ev.produced_at_us,
-        outbox_id: durability::outbox_id(&ev.event_id, &ev.source),
+        outbox_row: durability::outbox_id(&ev.event_id, &ev.source).map(|id| durability::RowRef {
+            id,
+            version: ev.data_version,
+        }),
         change: Change {
             widget_key: ev.widget_key,
             widget_type: ev.widget_type,
@@ -234,10 +237,10 @@ impl Worker {
             let ids: Vec<&str> = acked.iter().map(|v| v.id.as_str()).collect();
             let mut confirms = Confirmations::default();
             for v in &acked {
-                if let (Some(id), Some(key)) =
-                    (v.outbox_id, self.s.confirmed_keys.get(&v.change.source))
+                if let (Some(row), Some(key)) =
+                    (v.outbox_row, self.s.confirmed_keys.get(&v.change.source))
                 {
-                    confirms.add(key.clone(), id);
+                    confirms.add(key.clone(), row);
                 }
             }
             let (stream, group, ids) = (self.s.stream.as_str(), self.s.group.as_str(), &ids);

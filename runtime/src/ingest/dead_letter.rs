@@ -47,7 +47,7 @@ pub const MAX_DELIVERIES: &str = "max-deliveries";
 
 /// KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3..] confirmation sets. ARGV[1] group,
 /// ARGV[2] MAXLEN of the dead-letter stream, then per entry: id, index into KEYS of its
-/// confirmation set (0: none), outbox id, field count n, then n field/value arguments.
+/// confirmation set (0: none), confirmation member, field count n, then n field/value arguments.
 /// Returns per entry 1 if it was moved, 0 if it was no longer pending (nothing written).
 static MOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -85,8 +85,8 @@ pub struct DeadLetter {
     pub error: String,
     /// The original fields, verbatim.
     pub fields: Vec<(String, Vec<u8>)>,
-    /// The source and outbox id it names, when it names them (a worker relayed it).
-    pub origin: Option<(String, i64)>,
+    /// The source and outbox row it names, when it names them (a worker relayed it).
+    pub origin: Option<(String, durability::RowRef)>,
 }
 
 impl DeadLetter {
@@ -100,7 +100,8 @@ impl DeadLetter {
         };
         let origin = text(stream::field::SOURCE).and_then(|source| {
             let id = durability::outbox_id(text(stream::field::EVENT_ID)?, source)?;
-            Some((source.to_string(), id))
+            let version = text(stream::field::DATA_VERSION)?.parse().ok()?;
+            Some((source.to_string(), durability::RowRef { id, version }))
         });
         let total = fields.len();
         if total > MAX_COPIED_FIELDS {
@@ -162,8 +163,8 @@ pub async fn move_entries<C: ConnectionLike>(
     let mut confirm_keys: Vec<&str> = Vec::new();
     for l in letters {
         let fields = l.entry_fields(target.consumer, now);
-        let (index, outbox_id) = match &l.origin {
-            Some((source, id)) => match target.confirmed_keys.get(source) {
+        let (index, member) = match &l.origin {
+            Some((source, row)) => match target.confirmed_keys.get(source) {
                 Some(key) => {
                     let key = key.as_str();
                     let at = match confirm_keys.iter().position(|k| *k == key) {
@@ -174,13 +175,13 @@ pub async fn move_entries<C: ConnectionLike>(
                             confirm_keys.len() - 1
                         }
                     };
-                    (at + 3, *id)
+                    (at + 3, row.member())
                 }
-                None => (0, 0),
+                None => (0, String::new()),
             },
-            None => (0, 0),
+            None => (0, String::new()),
         };
-        inv.arg(&l.id).arg(index).arg(outbox_id).arg(fields.len() * 2);
+        inv.arg(&l.id).arg(index).arg(member).arg(fields.len() * 2);
         for (k, v) in fields {
             inv.arg(k).arg(v);
         }

@@ -355,6 +355,11 @@ impl OutboxWorker {
                         .get_or_create(&vec![("store".into(), kind.into())])
                         .inc();
                     if failures == 1 || failures.is_multiple_of(20) {
+                        if lacks_retention_columns(&e) {
+                            tracing::error!(source = %name, table = %self.settings.source.outbox_table, error = %e,
+                                "the outbox table lacks the retention columns (published_at, relay_epoch): \
+                                 run `widget-runtime migrate product` or apply migrations/product to it");
+                        }
                         tracing::warn!(source = %name, error = %e, failures, "relay failed; rows stay in the outbox, retrying");
                     }
                     tokio::select! {
@@ -692,6 +697,13 @@ fn pending_min_id(reply: &redis::Value) -> Option<String> {
     }
 }
 
+/// An outbox table created before retention (or copied without its migrations).
+fn lacks_retention_columns(e: &WorkerError) -> bool {
+    matches!(e, WorkerError::Database(sqlx::Error::Database(db))
+        if db.code().as_deref() == Some("42703")
+            && (db.message().contains("published_at") || db.message().contains("relay_epoch")))
+}
+
 fn backoff(failures: u32) -> Duration {
     retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5))
 }
@@ -860,7 +872,8 @@ async fn confirm_loop(
     cancel: CancellationToken,
 ) {
     let delete_sql = format!(
-        "DELETE FROM {} WHERE id = ANY($1::bigint[])",
+        "DELETE FROM {} AS o USING UNNEST($1::bigint[], $2::bigint[]) AS c(id, version)
+         WHERE o.id = c.id AND o.data_version = c.version",
         quote_identifier(&settings.source.outbox_table)
     );
     let key = settings.confirmed_key.clone();
@@ -871,18 +884,23 @@ async fn confirm_loop(
                 Some(c) => c,
                 None => conn.insert(connect::redis_manager(&client).await?),
             };
-            let ids = durability::read_confirmed(redis, &key, CONFIRM_BATCH).await?;
-            if ids.is_empty() {
+            let members = durability::read_confirmed(redis, &key, CONFIRM_BATCH).await?;
+            if members.is_empty() {
                 return Ok(0);
             }
+            let rows: Vec<durability::RowRef> =
+                members.iter().filter_map(|m| durability::RowRef::parse(m)).collect();
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
             let deleted = sqlx::query(sqlx::AssertSqlSafe(delete_sql.as_str()))
                 .bind(&ids)
+                .bind(&versions)
                 .execute(&pool)
                 .await?
                 .rows_affected();
-            durability::forget_confirmed(redis, &key, &ids).await?;
+            durability::forget_confirmed(redis, &key, &members).await?;
             metrics.confirmed.inc_by(deleted);
-            Ok::<_, WorkerError>(ids.len())
+            Ok::<_, WorkerError>(members.len())
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
