@@ -202,11 +202,9 @@ async fn main() {
     let (pg, redis) = tokio::join!(PgServer::start(), RedisServer::start());
     let (pg, redis) = (pg.expect("postgres"), redis.expect("redis"));
     let url = pg.create_database("product").await.expect("db");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect(&url)
-        .await
-        .expect("pool");
+    // The pool the outbox-worker command uses (connect::pg_pool), so the relay rows measure
+    // what production runs.
+    let pool = widget_runtime::connect::pg_pool(&url, 8).expect("pool");
     store::migrate(&store::PRODUCT_MIGRATIONS, &pool)
         .await
         .expect("migrate");

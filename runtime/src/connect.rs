@@ -5,7 +5,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Response timeout of the shared Redis connection (redis-rs 1.x defaults to 500 ms).
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,9 +44,15 @@ pub async fn redis_blocking(
 
 /// A pool that connects lazily, so a component starts (and reports not-ready) while its
 /// database is down, and recovers by itself when it returns.
+///
+/// JIT is off for these sessions: every query here is a short keyed or batched statement, and
+/// a cost estimate that crosses `jit_above_cost` on a table without statistics yet (a freshly
+/// filled outbox) made a 500-row claim take 100-150 ms of compilation (measured in the relay
+/// benchmark).
 pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    PgPoolOptions::new()
+    let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+    Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy(url)
+        .connect_lazy_with(options))
 }

