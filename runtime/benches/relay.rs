@@ -108,7 +108,10 @@ async fn stop(cancel: CancellationToken, tasks: Vec<tokio::task::JoinHandle<()>>
 }
 
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.expect("count")
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count")
 }
 
 async fn wait_until_zero(pool: &PgPool, sql: &'static str) {
@@ -161,7 +164,10 @@ async fn replay(config: &Config, redis: &RedisServer, pool: &PgPool, events: usi
     wait_until_zero(pool, UNPUBLISHED).await;
     let mut conn = redis.connection().await.expect("redis");
     let start = Instant::now();
-    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.expect("flushall");
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("flushall");
     // The replay unpublishes every row first, then relays them all again.
     loop {
         let len: usize = redis::cmd("XLEN")

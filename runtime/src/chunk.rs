@@ -29,10 +29,7 @@ mod tests {
     #[test]
     fn parts_are_cut_by_size_and_keep_the_order() {
         let sizes = [407, 407, 307, 2007, 17, 17];
-        assert_eq!(
-            by_size(&sizes, |n| *n, 1000),
-            vec![0..2, 2..3, 3..4, 4..6]
-        );
+        assert_eq!(by_size(&sizes, |n| *n, 1000), vec![0..2, 2..3, 3..4, 4..6]);
         assert_eq!(by_size(&sizes, |n| *n, 1 << 20), vec![0..6]);
         assert!(by_size(&[] as &[usize], |n| *n, 1000).is_empty());
     }

@@ -219,11 +219,17 @@ pub async fn forget_confirmed<C: ConnectionLike>(
     if members.is_empty() {
         return Ok(());
     }
-    redis::cmd("SREM").arg(key).arg(members).query_async(conn).await
+    redis::cmd("SREM")
+        .arg(key)
+        .arg(members)
+        .query_async(conn)
+        .await
 }
 
 /// Redis' `maxmemory-policy`, or `None` when CONFIG is not allowed (managed services).
-pub async fn eviction_policy<C: ConnectionLike>(conn: &mut C) -> redis::RedisResult<Option<String>> {
+pub async fn eviction_policy<C: ConnectionLike>(
+    conn: &mut C,
+) -> redis::RedisResult<Option<String>> {
     let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory-policy")
@@ -304,7 +310,10 @@ pub async fn watch_settings(
                 }
             }
             gauge.set(i64::from(unsafe_));
-            stats.set_gauge(stats::field::REDIS_EVICTION_UNSAFE.into(), i64::from(unsafe_));
+            stats.set_gauge(
+                stats::field::REDIS_EVICTION_UNSAFE.into(),
+                i64::from(unsafe_),
+            );
             last = Some(policy);
         }
         tokio::select! {

@@ -155,7 +155,11 @@ impl Warmer {
                     if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(error = %e, failures, "cache re-warm step failed; retrying");
                     }
-                    crate::retry::backoff(failures, Duration::from_millis(200), Duration::from_secs(5))
+                    crate::retry::backoff(
+                        failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(5),
+                    )
                 }
             };
             tokio::select! {
@@ -208,8 +212,13 @@ impl Warmer {
         result
     }
 
-    async fn epoch(&self, c: &mut ConnectionManager, known: Option<&str>) -> Result<String, WarmError> {
-        let e = durability::ensure_epoch(c, &self.epoch_key, &self.stream, &self.group, known).await?;
+    async fn epoch(
+        &self,
+        c: &mut ConnectionManager,
+        known: Option<&str>,
+    ) -> Result<String, WarmError> {
+        let e =
+            durability::ensure_epoch(c, &self.epoch_key, &self.stream, &self.group, known).await?;
         Ok(e.id)
     }
 
@@ -232,14 +241,21 @@ impl Warmer {
             .arg(&s.cursor_key)
             .query_async(c)
             .await?;
-        let mut after: Option<(String, String)> =
-            match (saved.get("epoch"), saved.get("updated_at"), saved.get("key")) {
-                (Some(e), Some(at), Some(key)) if e == epoch => Some((at.clone(), key.clone())),
-                _ => None,
-            };
+        let mut after: Option<(String, String)> = match (
+            saved.get("epoch"),
+            saved.get("updated_at"),
+            saved.get("key"),
+        ) {
+            (Some(e), Some(at), Some(key)) if e == epoch => Some((at.clone(), key.clone())),
+            _ => None,
+        };
         self.set_active(true);
-        tracing::info!(epoch, rate = s.rate, resumed = after.is_some(),
-            "re-warming the hot cache from Postgres, most recently updated first");
+        tracing::info!(
+            epoch,
+            rate = s.rate,
+            resumed = after.is_some(),
+            "re-warming the hot cache from Postgres, most recently updated first"
+        );
         let cache = Cache::new(s.key_prefix.clone());
         let started = Instant::now();
         let mut last_epoch_check = Instant::now();
@@ -253,10 +269,14 @@ impl Warmer {
             after = Some((last.5.clone(), last.0.clone()));
             let jsons: Vec<Option<Vec<u8>>> = rows
                 .iter()
-                .map(|(key, kind, version, deleted, content, _)| match (deleted, content) {
-                    (false, Some(c)) => Some(cache::widget_json(key, kind, *version, c.as_bytes())),
-                    _ => None,
-                })
+                .map(
+                    |(key, kind, version, deleted, content, _)| match (deleted, content) {
+                        (false, Some(c)) => {
+                            Some(cache::widget_json(key, kind, *version, c.as_bytes()))
+                        }
+                        _ => None,
+                    },
+                )
                 .collect();
             let writes: Vec<CacheWrite<'_>> = rows
                 .iter()
@@ -273,7 +293,8 @@ impl Warmer {
             }
             written += rows.len() as u64;
             self.metrics.written.inc_by(rows.len() as u64);
-            self.stats.add(stats::field::WARM_WRITTEN, rows.len() as u64);
+            self.stats
+                .add(stats::field::WARM_WRITTEN, rows.len() as u64);
             if let Some((at, key)) = &after {
                 let _: () = redis::cmd("HSET")
                     .arg(&s.cursor_key)
@@ -329,8 +350,12 @@ impl Warmer {
             .await?;
         self.metrics.completed.inc();
         let secs = started.elapsed().as_secs_f64();
-        tracing::info!(epoch, widgets = written, seconds = format!("{secs:.1}"),
-            "hot cache re-warmed");
+        tracing::info!(
+            epoch,
+            widgets = written,
+            seconds = format!("{secs:.1}"),
+            "hot cache re-warmed"
+        );
         Ok(())
     }
 }
@@ -341,7 +366,8 @@ async fn page(
     after: Option<&(String, String)>,
     limit: usize,
 ) -> Result<Vec<Row>, sqlx::Error> {
-    const COLUMNS: &str = "widget_key, widget_type, data_version, deleted, content::text, updated_at::text";
+    const COLUMNS: &str =
+        "widget_key, widget_type, data_version, deleted, content::text, updated_at::text";
     let limit = limit as i64;
     match after {
         None => {

@@ -4,16 +4,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use support::{HttpResponse, Stack, http_get, http_request, metric_value as metric};
+use support::{RunningApi, Stack, http_get, http_request, metric_value as metric, start_api_on};
 use testkit::eventually;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use widget_runtime::admin::Readiness;
 use widget_runtime::cache::{Cache, CacheWrite, decode_value};
 use widget_runtime::store::{self, Change};
-use widget_runtime::{Op, Outbox, WidgetEvent, api, dev};
+use widget_runtime::{Op, Outbox, WidgetEvent, dev};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,62 +26,8 @@ screens:
   - {name: deals, widgets: ["deals.top-picks", "deals.hot-deal"]}
 "#;
 
-struct RunningApi {
-    addr: String,
-    cancel: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl RunningApi {
-    async fn get(&self, path: &str) -> HttpResponse {
-        self.get_with(path, &[]).await
-    }
-
-    async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
-        http_get(&self.addr, path, headers)
-            .await
-            .unwrap_or_else(|| panic!("GET {path}: no HTTP answer"))
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task
-            .await
-            .expect("api task")
-            .expect("api ends cleanly");
-    }
-}
-
 async fn start_api(stack: &Stack) -> RunningApi {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let cancel = CancellationToken::new();
-    let config = stack.config.clone();
-    let (redis, pool) = (stack.redis_client(), stack.lazy_pool(&stack.core_url));
-    let c = cancel.clone();
-    let task = tokio::spawn(async move {
-        api::serve(
-            &config,
-            redis,
-            pool,
-            listener,
-            Registry::default(),
-            Readiness::default(),
-            c,
-        )
-        .await
-    });
-    let api = RunningApi { addr, cancel, task };
-    let ready = eventually(WAIT, || async {
-        http_get(&api.addr, "/readyz", &[])
-            .await
-            .filter(|r| r.status == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "core-api becomes ready");
-    api
+    start_api_on(stack, &stack.redis.url()).await
 }
 
 fn change(key: &str, version: i64, content: Option<Value>) -> Change {

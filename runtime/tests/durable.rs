@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::{Stack, http_get, metric_value};
+use support::{RunningApi, Stack, http_get, metric_value, start_api_on};
 use testkit::eventually;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -129,44 +129,8 @@ fn start_ingester(stack: &Stack) -> Running<widget_runtime::ingest::IngestError>
     start_ingester_at(stack, "ingester-a", &stack.core_url, 100)
 }
 
-struct RunningApi {
-    addr: String,
-    cancel: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl RunningApi {
-    /// A sample from the API's own /metrics.
-    async fn metric(&self, name: &str) -> f64 {
-        let r = http_get(&self.addr, "/metrics", &[]).await.expect("metrics");
-        metric_value(&r.body, name).unwrap_or(0.0)
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.expect("api task").expect("api ends cleanly");
-    }
-}
-
 async fn start_api(stack: &Stack) -> RunningApi {
     start_api_on(stack, &stack.redis.url()).await
-}
-
-async fn start_api_on(stack: &Stack, redis_url: &str) -> RunningApi {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let cancel = CancellationToken::new();
-    let config = stack.config.clone();
-    let redis = redis::Client::open(redis_url).expect("redis url");
-    let pool = stack.lazy_pool(&stack.core_url);
-    let c = cancel.clone();
-    let task = tokio::spawn(async move {
-        api::serve(&config, redis, pool, listener, Registry::default(), Readiness::default(), c)
-            .await
-    });
-    RunningApi { addr, cancel, task }
 }
 
 /// The producer's view: the last committed (version, deleted) per key.
@@ -174,7 +138,13 @@ type Expected = BTreeMap<String, (i64, bool)>;
 
 /// Writes `rounds` versions of `keys` keys through the outbox library, one transaction per round;
 /// about one write in 20 is a delete. Returns what each key must end as.
-async fn produce(pool: &PgPool, keys: usize, rounds: i64, from_version: i64, expected: &mut Expected) {
+async fn produce(
+    pool: &PgPool,
+    keys: usize,
+    rounds: i64,
+    from_version: i64,
+    expected: &mut Expected,
+) {
     for r in 0..rounds {
         let version = from_version + r;
         let events: Vec<WidgetEvent> = (0..keys)
@@ -188,7 +158,9 @@ async fn produce(pool: &PgPool, keys: usize, rounds: i64, from_version: i64, exp
             })
             .collect();
         let mut tx = pool.begin().await.expect("begin");
-        Outbox::enqueue_all(&mut tx, &events).await.expect("enqueue");
+        Outbox::enqueue_all(&mut tx, &events)
+            .await
+            .expect("enqueue");
         tx.commit().await.expect("commit");
         for e in &events {
             expected.insert(e.widget_key.clone(), (version, e.op == Op::Delete));
@@ -253,7 +225,10 @@ async fn differences_on(
     let mut diffs = Vec::new();
     for (i, (key, want)) in expected.iter().enumerate() {
         if stored.get(key) != Some(want) {
-            diffs.push(format!("{key}: postgres {:?}, want {want:?}", stored.get(key)));
+            diffs.push(format!(
+                "{key}: postgres {:?}, want {want:?}",
+                stored.get(key)
+            ));
         }
         let in_cache = cached.get(i).cloned().flatten().and_then(|raw| {
             decode_value(&raw).map(|c| match c {
@@ -280,7 +255,12 @@ async fn assert_converged(stack: &Stack, api: &RunningApi, expected: &Expected) 
     assert_converged_on(stack, &stack.redis.url(), api, expected).await
 }
 
-async fn assert_converged_on(stack: &Stack, redis_url: &str, api: &RunningApi, expected: &Expected) {
+async fn assert_converged_on(
+    stack: &Stack,
+    redis_url: &str,
+    api: &RunningApi,
+    expected: &Expected,
+) {
     let last = Mutex::new(Vec::new());
     let done = eventually(WAIT, || async {
         let diffs = differences_on(stack, redis_url, api, expected).await;
@@ -345,12 +325,19 @@ async fn redis_restarted_empty_with_unread_entries_replays_every_unconfirmed_row
     .await;
     let mut conn = stack.redis_conn().await;
     let unread: i64 = conn.xlen(stack.config.stream_name()).await.expect("xlen");
-    assert!(unread >= 600, "the stream holds the unread entries ({unread})");
+    assert!(
+        unread >= 600,
+        "the stream holds the unread entries ({unread})"
+    );
     let before = replayed(&worker);
 
     stack.redis.kill().await;
     stack.redis.wipe();
-    stack.redis.start_again().await.expect("redis restarts empty");
+    stack
+        .redis
+        .start_again()
+        .await
+        .expect("redis restarts empty");
     let ingester = start_ingester(&stack);
 
     assert_converged(&stack, &api, &expected).await;
@@ -387,7 +374,10 @@ async fn stream_deleted_with_unread_entries_while_running_loses_nothing() {
     for _ in 0..5 {
         produce(&product, 200, 5, version, &mut expected).await;
         version += 5;
-        wait_for("rows relayed", || async { outbox_counts(&product).await.0 == 0 }).await;
+        wait_for("rows relayed", || async {
+            outbox_counts(&product).await.0 == 0
+        })
+        .await;
         // Read what the group has not finished and delete the stream in one MULTI.
         let (groups, _): (redis::streams::StreamInfoGroupsReply, i64) = redis::pipe()
             .atomic()
@@ -483,15 +473,19 @@ async fn retained_rows_level_off_under_steady_load_and_drain_after() {
 /// deleted before it; then the cap is reported (metric, stats gauge for the operator).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_down_past_the_retention_cap_is_reported_and_nothing_goes_before_it() {
-    let stack = Stack::with_config(&CONFIG.replace(
-        "pollInterval: 50ms}",
-        "pollInterval: 50ms, retention: 3s}",
-    ))
+    let stack = Stack::with_config(
+        &CONFIG.replace("pollInterval: 50ms}", "pollInterval: 50ms, retention: 3s}"),
+    )
     .await;
     let product = stack.pool(&stack.product_url).await;
     let worker = start_worker(&stack);
     // The ingester's core database does not answer (nothing listens there).
-    let ingester = start_ingester_at(&stack, "ingester-a", "postgres://postgres@127.0.0.1:1/core", 100);
+    let ingester = start_ingester_at(
+        &stack,
+        "ingester-a",
+        "postgres://postgres@127.0.0.1:1/core",
+        100,
+    );
     let mut expected = Expected::new();
     produce(&product, 50, 1, 1, &mut expected).await;
     wait_for("rows relayed", || async {
@@ -505,14 +499,20 @@ async fn core_down_past_the_retention_cap_is_reported_and_nothing_goes_before_it
             (0, 50),
             "no unconfirmed row is deleted before the cap"
         );
-        assert_eq!(worker.metric("widget_outbox_retention_capped{source=\"deals\"}"), 0.0);
+        assert_eq!(
+            worker.metric("widget_outbox_retention_capped{source=\"deals\"}"),
+            0.0
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for("rows past the cap deleted", || async {
         outbox_counts(&product).await == (0, 0)
     })
     .await;
-    assert_eq!(worker.metric("widget_outbox_retention_expired_total{source=\"deals\"}"), 50.0);
+    assert_eq!(
+        worker.metric("widget_outbox_retention_expired_total{source=\"deals\"}"),
+        50.0
+    );
     wait_for("the cap is reported", || async {
         worker.metric("widget_outbox_retention_capped{source=\"deals\"}") == 1.0
     })
@@ -524,8 +524,14 @@ async fn core_down_past_the_retention_cap_is_reported_and_nothing_goes_before_it
         let key = key.clone();
         async move {
             let fields: HashMap<String, String> = conn.hgetall(&key).await.unwrap_or_default();
-            fields.get("outbox_retention_capped.deals").map(String::as_str) == Some("1")
-                && fields.get(stats::field::RETENTION_EXPIRED).map(String::as_str) == Some("50")
+            fields
+                .get("outbox_retention_capped.deals")
+                .map(String::as_str)
+                == Some("1")
+                && fields
+                    .get(stats::field::RETENTION_EXPIRED)
+                    .map(String::as_str)
+                    == Some("50")
         }
     })
     .await;
@@ -559,8 +565,15 @@ async fn the_row_cap_deletes_only_the_oldest_relayed_rows_beyond_it() {
         .fetch_one(&product)
         .await
         .expect("max");
-    assert_eq!(ids, ((max - 29)..=max).collect::<Vec<_>>(), "the newest 30 are kept");
-    assert_eq!(worker.metric("widget_outbox_retention_expired_total{source=\"deals\"}"), 20.0);
+    assert_eq!(
+        ids,
+        ((max - 29)..=max).collect::<Vec<_>>(),
+        "the newest 30 are kept"
+    );
+    assert_eq!(
+        worker.metric("widget_outbox_retention_expired_total{source=\"deals\"}"),
+        20.0
+    );
     worker.stop().await;
 }
 
@@ -578,7 +591,10 @@ async fn redis_restored_from_an_older_snapshot_is_repaired_by_the_rewarm() {
     produce(&product, 100, 1, 1, &mut expected).await;
     assert_converged(&stack, &api, &expected).await;
     let mut conn = stack.redis_conn().await;
-    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.expect("save");
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut conn)
+        .await
+        .expect("save");
     produce(&product, 100, 1, 2, &mut expected).await;
     assert_converged(&stack, &api, &expected).await;
     wait_for("outbox drained", || async {
@@ -590,7 +606,11 @@ async fn redis_restored_from_an_older_snapshot_is_repaired_by_the_rewarm() {
     api.stop().await;
     // SIGKILL: the restart loads the older dump, with version 1 in the cache.
     stack.redis.kill().await;
-    stack.redis.start_again().await.expect("redis restarts from the older dump");
+    stack
+        .redis
+        .start_again()
+        .await
+        .expect("redis restarts from the older dump");
     let mut conn = stack.redis_conn().await;
     let cache = Cache::new(stack.config.key_prefix());
     let keys: Vec<&str> = expected.keys().map(String::as_str).collect();
@@ -646,13 +666,20 @@ async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_valu
         })
         .collect();
     for chunk in changes.chunks(1000) {
-        store::apply_batch(&core, chunk).await.expect("seed widgets");
+        store::apply_batch(&core, chunk)
+            .await
+            .expect("seed widgets");
     }
     // Newer values already in the cache (as an ingester would have written them meanwhile).
     let mut conn = stack.redis_conn().await;
     let cache = Cache::new(stack.config.key_prefix());
     let newer: Vec<(String, Vec<u8>)> = (0..100)
-        .map(|k| (format!("deals.w-{k}"), json!({"newer": k}).to_string().into_bytes()))
+        .map(|k| {
+            (
+                format!("deals.w-{k}"),
+                json!({"newer": k}).to_string().into_bytes(),
+            )
+        })
         .collect();
     let writes: Vec<CacheWrite<'_>> = newer
         .iter()
@@ -663,7 +690,10 @@ async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_valu
             ttl: Duration::from_secs(3600),
         })
         .collect();
-    cache.write_many(&mut conn, &writes).await.expect("newer values");
+    cache
+        .write_many(&mut conn, &writes)
+        .await
+        .expect("newer values");
 
     let api = start_api(&stack).await;
     // A steady reader over all keys, 50 keys a request.
@@ -673,7 +703,9 @@ async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_valu
         tokio::spawn(async move {
             let mut i = 0usize;
             while !stop.is_cancelled() {
-                let keys: Vec<String> = (0..50).map(|j| format!("deals.w-{}", (i * 50 + j * 197) % N)).collect();
+                let keys: Vec<String> = (0..50)
+                    .map(|j| format!("deals.w-{}", (i * 50 + j * 197) % N))
+                    .collect();
                 let _ = http_get(&addr, &format!("/v1/widgets?keys={}", keys.join(",")), &[]).await;
                 i += 1;
             }
@@ -694,7 +726,9 @@ async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_valu
     let updates: Vec<WidgetEvent> = (5000..5050)
         .map(|k| WidgetEvent::upsert(format!("deals.w-{k}"), "card", 2, json!({"k": k, "v": 2})))
         .collect();
-    Outbox::enqueue_all(&mut tx, &updates).await.expect("enqueue");
+    Outbox::enqueue_all(&mut tx, &updates)
+        .await
+        .expect("enqueue");
     tx.commit().await.expect("commit");
     for e in &updates {
         expected.insert(e.widget_key.clone(), (2, false));
@@ -712,15 +746,24 @@ async fn rewarm_fills_the_cache_at_a_bounded_rate_without_overwriting_newer_valu
         reads_during / took.as_secs_f64()
     );
     // Keys written through the pipeline after the re-warm started are ahead of its cursor.
-    assert!((N as f64 - 50.0..=N as f64).contains(&written), "{written} written");
+    assert!(
+        (N as f64 - 50.0..=N as f64).contains(&written),
+        "{written} written"
+    );
     // Promised in the docs: about widgets / warmRate (2 s here) plus the epoch check.
     assert!(took < Duration::from_secs(15), "re-warm took {took:?}");
-    assert!(took >= Duration::from_millis(1800), "the rate bound holds ({took:?})");
+    assert!(
+        took >= Duration::from_millis(1800),
+        "the rate bound holds ({took:?})"
+    );
 
     let settled = api.metric("widget_api_fallback_reads_total").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = api.metric("widget_api_fallback_reads_total").await - settled;
-    assert!(after <= 1.0, "Postgres reads fall to near zero after the re-warm: {after} in 2 s");
+    assert!(
+        after <= 1.0,
+        "Postgres reads fall to near zero after the re-warm: {after} in 2 s"
+    );
     reading.cancel();
     reader.await.expect("reader");
 
@@ -757,7 +800,9 @@ async fn failover_to_a_replica_that_missed_writes_loses_nothing() {
     let mut replica = testkit::RedisServer::start_replica_of(&stack.redis)
         .await
         .expect("replica");
-    let proxy = testkit::TcpProxy::start(stack.redis.port()).await.expect("proxy");
+    let proxy = testkit::TcpProxy::start(stack.redis.port())
+        .await
+        .expect("proxy");
     let url = format!("redis://127.0.0.1:{}/", proxy.port());
     let product = stack.pool(&stack.product_url).await;
     let mut expected = Expected::new();
@@ -770,7 +815,11 @@ async fn failover_to_a_replica_that_missed_writes_loses_nothing() {
 
     // From here on the replica receives nothing.
     replica.pause();
-    stack.redis.disconnect_replicas().await.expect("cut the replication link");
+    stack
+        .redis
+        .disconnect_replicas()
+        .await
+        .expect("cut the replication link");
     // Applied and confirmed on the master only: the replica's cache keeps version 1.
     produce(&product, 100, 1, 2, &mut expected).await;
     assert_converged_on(&stack, &url, &api, &expected).await;
@@ -798,7 +847,11 @@ async fn failover_to_a_replica_that_missed_writes_loses_nothing() {
         outbox_counts(&product).await == (0, 0)
     })
     .await;
-    assert_eq!(replayed(&worker) - before, 100.0, "the rows the replica missed are replayed");
+    assert_eq!(
+        replayed(&worker) - before,
+        100.0,
+        "the rows the replica missed are replayed"
+    );
     ingester.stop().await;
     worker.stop().await;
     api.stop().await;
@@ -822,7 +875,10 @@ impl std::io::Write for Logs {
 
 impl Logs {
     fn text(&self) -> String {
-        self.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -888,7 +944,10 @@ fn an_eviction_policy_that_can_drop_the_stream_is_reported() {
             .lines()
             .find(|l| l.contains("may evict the stream"))
             .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
-        assert!(line.contains("ERROR") && line.contains("allkeys-lru"), "{line}");
+        assert!(
+            line.contains("ERROR") && line.contains("allkeys-lru"),
+            "{line}"
+        );
         ingester.stop().await;
         worker.stop().await;
     });

@@ -169,7 +169,11 @@ async fn rolled_back_writes_publish_nothing_and_committed_ones_publish_exactly_t
         (now_us - produced).abs() < 60_000_000,
         "produced_at is the insert time: {produced}"
     );
-    assert_eq!(outbox_rows(&pool).await, 0, "published rows leave the backlog");
+    assert_eq!(
+        outbox_rows(&pool).await,
+        0,
+        "published rows leave the backlog"
+    );
     assert!(worker.readiness.is_ready());
     worker.stop().await;
 }
@@ -745,10 +749,11 @@ async fn an_outbox_table_named_after_a_reserved_word_works() {
 
     let worker = spawn_worker(&stack, "deals");
     wait_for_distinct(&stack, &stack.config.stream_name(), 3).await;
-    let left: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "order" WHERE published_at IS NULL"#)
-        .fetch_one(&pool)
-        .await
-        .expect("count");
+    let left: i64 =
+        sqlx::query_scalar(r#"SELECT count(*) FROM "order" WHERE published_at IS NULL"#)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
     assert_eq!(left, 0, "relayed rows leave the backlog");
     worker.stop().await;
 }

@@ -557,7 +557,11 @@ impl OutboxWorker {
             .ok()
             .and_then(|mut known| known.replace(epoch.id.clone()));
         // Whoever started the new epoch, this worker relayed under the old one: a loss for it.
-        if previous.is_some() || epoch.started.is_some_and(|r| r != durability::NewEpoch::Fresh) {
+        if previous.is_some()
+            || epoch
+                .started
+                .is_some_and(|r| r != durability::NewEpoch::Fresh)
+        {
             self.metrics.loss_detected.inc();
             self.stats.add(stats::field::REDIS_LOSS_DETECTED, 1);
             tracing::warn!(source = %name, reason = epoch.started.map(|r| r.as_str()),
@@ -784,10 +788,7 @@ async fn sweep_loop(
              SELECT id FROM {table} WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)"
     );
     let source = settings.source.name.clone();
-    let (retention, cap) = (
-        settings.source.retention,
-        settings.source.max_retained_rows,
-    );
+    let (retention, cap) = (settings.source.retention, settings.source.max_retained_rows);
     let mut capped_sweeps = 0u64;
     // The cap stays reported for a while after it last deleted rows, so a status read every
     // few minutes still sees it.
@@ -830,8 +831,14 @@ async fn sweep_loop(
             metrics.backlog.set(backlog);
             metrics.retained.set(retained);
             metrics.retention_capped.set(i64::from(capped));
-            stats.set_gauge(format!("{}{source}", stats::field::OUTBOX_BACKLOG_PREFIX), backlog);
-            stats.set_gauge(format!("{}{source}", stats::field::OUTBOX_RETAINED_PREFIX), retained);
+            stats.set_gauge(
+                format!("{}{source}", stats::field::OUTBOX_BACKLOG_PREFIX),
+                backlog,
+            );
+            stats.set_gauge(
+                format!("{}{source}", stats::field::OUTBOX_RETAINED_PREFIX),
+                retained,
+            );
             stats.set_gauge(
                 format!("{}{source}", stats::field::OUTBOX_RETENTION_CAPPED_PREFIX),
                 i64::from(capped),
@@ -895,8 +902,10 @@ async fn confirm_loop(
             if members.is_empty() {
                 return Ok(0);
             }
-            let rows: Vec<durability::RowRef> =
-                members.iter().filter_map(|m| durability::RowRef::parse(m)).collect();
+            let rows: Vec<durability::RowRef> = members
+                .iter()
+                .filter_map(|m| durability::RowRef::parse(m))
+                .collect();
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
             let deleted = sqlx::query(sqlx::AssertSqlSafe(delete_sql.as_str()))

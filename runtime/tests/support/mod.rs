@@ -175,3 +175,70 @@ pub async fn http_request(
         body: body.to_string(),
     })
 }
+
+/// A core-api served in-process on a random loopback port.
+pub struct RunningApi {
+    pub addr: String,
+    cancel: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningApi {
+    pub async fn get(&self, path: &str) -> HttpResponse {
+        self.get_with(path, &[]).await
+    }
+
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        http_get(&self.addr, path, headers)
+            .await
+            .unwrap_or_else(|| panic!("GET {path}: no HTTP answer"))
+    }
+
+    /// A sample from the API's own /metrics, 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.get("/metrics").await.body, name).unwrap_or(0.0)
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task
+            .await
+            .expect("api task")
+            .expect("api ends cleanly");
+    }
+}
+
+/// Starts the core-api of `stack`'s pipeline against the Redis at `redis_url` and waits until
+/// it is ready.
+pub async fn start_api_on(stack: &Stack, redis_url: &str) -> RunningApi {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let config = stack.config.clone();
+    let redis = redis::Client::open(redis_url).expect("redis url");
+    let pool = stack.lazy_pool(&stack.core_url);
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        widget_runtime::api::serve(
+            &config,
+            redis,
+            pool,
+            listener,
+            prometheus_client::registry::Registry::default(),
+            widget_runtime::admin::Readiness::default(),
+            c,
+        )
+        .await
+    });
+    let api = RunningApi { addr, cancel, task };
+    let ready = testkit::eventually(Duration::from_secs(30), || async {
+        http_get(&api.addr, "/readyz", &[])
+            .await
+            .filter(|r| r.status == 200)
+    })
+    .await;
+    assert!(ready.is_some(), "core-api becomes ready");
+    api
+}
