@@ -22,8 +22,8 @@
 //! - **Eviction.** An `allkeys-*` maxmemory policy may evict the stream or the markers: it is
 //!   reported (log, metric, stats gauge for the operator's `RedisEvictionUnsafe`).
 
-use std::sync::Arc;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -83,7 +83,8 @@ pub struct Epoch {
 static ENSURE_EPOCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local info = redis.call('INFO', 'server')
+local info = redis.pcall('INFO', 'server')
+if type(info) ~= 'string' then info = '' end
 local run_id = string.match(info, 'run_id:(%w+)') or 'unknown'
 local cur = redis.call('GET', KEYS[1])
 local stream_exists = redis.call('EXISTS', KEYS[2]) == 1
@@ -132,11 +133,19 @@ pub async fn ensure_epoch<C: ConnectionLike>(
         .arg(known.unwrap_or(""))
         .invoke_async(conn)
         .await?;
+    if id.starts_with("unknown:") && !WARNED_NO_RUN_ID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "INFO is not allowed for this Redis user: a Redis restart that kept the stream and \
+             the marker but lost recent writes cannot be detected; allow INFO (server section)"
+        );
+    }
     Ok(Epoch {
         id,
         started: NewEpoch::parse(&reason),
     })
 }
+
+static WARNED_NO_RUN_ID: AtomicBool = AtomicBool::new(false);
 
 /// The outbox id of an event relayed by `source`'s worker (`event_id` = `<source>:<id>`).
 pub fn outbox_id(event_id: &str, source: &str) -> Option<i64> {
@@ -147,26 +156,30 @@ pub fn outbox_id(event_id: &str, source: &str) -> Option<i64> {
     id.parse().ok().filter(|id: &i64| *id > 0)
 }
 
-/// One outbox row as a confirmation names it: its id and its event's version. The version
-/// keeps a stale confirmation (left in Redis while a worker was down) from deleting an
-/// unrelated row that reuses the id after the outbox table was re-created or restored.
+/// One outbox row as a confirmation names it: its id, its event's version and its insert time
+/// (`produced_at_us`, the row's `created_at`). Version and time keep a stale confirmation (left
+/// in Redis while a worker was down) from deleting an unrelated row that reuses the id after
+/// the outbox table was re-created or restored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowRef {
     pub id: i64,
     pub version: i64,
+    pub produced_at_us: i64,
 }
 
 impl RowRef {
-    /// The set member: `<id>:<version>`.
+    /// The set member: `<id>:<version>:<produced_at_us>`.
     pub fn member(&self) -> String {
-        format!("{}:{}", self.id, self.version)
+        format!("{}:{}:{}", self.id, self.version, self.produced_at_us)
     }
 
     pub fn parse(member: &str) -> Option<Self> {
-        let (id, version) = member.split_once(':')?;
+        let mut parts = member.splitn(3, ':');
+        let mut next = || parts.next()?.parse().ok();
         Some(Self {
-            id: id.parse().ok()?,
-            version: version.parse().ok()?,
+            id: next()?,
+            version: next()?,
+            produced_at_us: next()?,
         })
     }
 }
@@ -337,8 +350,12 @@ mod tests {
     }
 
     #[test]
-    fn confirmations_group_by_set_and_name_id_and_version() {
-        let row = |id, version| RowRef { id, version };
+    fn confirmations_group_by_set_and_name_the_row_exactly() {
+        let row = |id, version| RowRef {
+            id,
+            version,
+            produced_at_us: 5,
+        };
         let mut c = Confirmations::default();
         c.add("a".into(), row(1, 7));
         c.add("b".into(), row(2, 1));
@@ -346,13 +363,13 @@ mod tests {
         assert_eq!(
             c,
             Confirmations(vec![
-                ("a".into(), vec!["1:7".into(), "3:9".into()]),
-                ("b".into(), vec!["2:1".into()])
+                ("a".into(), vec!["1:7:5".into(), "3:9:5".into()]),
+                ("b".into(), vec!["2:1:5".into()])
             ])
         );
-        assert_eq!(RowRef::parse("12:34"), Some(row(12, 34)));
-        assert_eq!(RowRef::parse("12"), None);
-        assert_eq!(RowRef::parse("x:1"), None);
+        assert_eq!(RowRef::parse("12:34:5"), Some(row(12, 34)));
+        assert_eq!(RowRef::parse("12:34"), None);
+        assert_eq!(RowRef::parse("x:1:5"), None);
     }
 
     #[test]

@@ -49,7 +49,9 @@ impl WarmSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
             rate: config.cache.warm_rate,
-            page: 500,
+            // At most about a second's worth per page, so the lock (renewed per page) never
+            // lapses during the rate bound's sleep, even at a low rate.
+            page: (config.cache.warm_rate as usize).clamp(1, 500),
             key_prefix: config.key_prefix(),
             ttl: config.cache.ingest_ttl,
             done_key: config.warm_key("done"),

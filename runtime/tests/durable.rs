@@ -952,3 +952,120 @@ fn an_eviction_policy_that_can_drop_the_stream_is_reported() {
         worker.stop().await;
     });
 }
+
+/// A worker that checked the epoch just before Redis lost data can commit rows stamped with the
+/// old epoch after the replay ran. The sweep replays such rows once they are a few seconds old,
+/// so they cannot be stranded if that worker stops before its next check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_stamped_with_an_old_epoch_after_the_replay_are_replayed_by_the_sweep() {
+    let stack = Stack::with_config(CONFIG).await;
+    let product = stack.pool(&stack.product_url).await;
+    let worker = start_worker(&stack);
+    let mut expected = Expected::new();
+    produce(&product, 10, 1, 1, &mut expected).await;
+    wait_for("relayed", || async {
+        outbox_counts(&product).await == (0, 10)
+    })
+    .await;
+    // As if committed by a worker that still had an epoch Redis has since lost.
+    sqlx::query(
+        "UPDATE widget_outbox SET relay_epoch = 'gone:0', published_at = clock_timestamp() - interval '10 seconds'",
+    )
+    .execute(&product)
+    .await
+    .expect("stamp old epoch");
+    let before = replayed(&worker);
+    let mut conn = stack.redis_conn().await;
+    let epoch: String = conn.get(stack.config.epoch_key()).await.expect("epoch");
+    wait_for("replayed under the current epoch", || async {
+        let epochs: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT DISTINCT relay_epoch FROM widget_outbox")
+                .fetch_all(&product)
+                .await
+                .expect("epochs");
+        epochs == vec![Some(epoch.clone())]
+    })
+    .await;
+    assert_eq!(replayed(&worker) - before, 10.0);
+    worker.stop().await;
+}
+
+/// An entry dead-lettered because it kept failing (`max-deliveries`) is not confirmed: its row
+/// stays in the outbox, the only copy outside Redis, while every other row is confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_dead_lettered_for_max_deliveries_stays_in_the_outbox() {
+    let stack = Stack::with_config(CONFIG).await;
+    let core = stack.pool(&stack.core_url).await;
+    // The core database refuses one key (a data error, so the ingester keeps it pending).
+    sqlx::query("ALTER TABLE widgets ADD CONSTRAINT refuse_w3 CHECK (widget_key <> 'deals.w-3')")
+        .execute(&core)
+        .await
+        .expect("constraint");
+    let product = stack.pool(&stack.product_url).await;
+    let worker = start_worker(&stack);
+    let ingester = start_ingester(&stack);
+    let mut expected = Expected::new();
+    produce(&product, 10, 1, 1, &mut expected).await;
+    wait_for("the refused entry is dead-lettered", || async {
+        ingester.metric("widget_ingest_dead_lettered_total{reason=\"max-deliveries\"}") >= 1.0
+    })
+    .await;
+    wait_for("the others are confirmed and deleted", || async {
+        outbox_counts(&product).await == (0, 1)
+    })
+    .await;
+    let left: String = sqlx::query_scalar("SELECT widget_key FROM widget_outbox")
+        .fetch_one(&product)
+        .await
+        .expect("row");
+    assert_eq!(left, "deals.w-3");
+    // It stays: nothing confirms it later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(outbox_counts(&product).await, (0, 1));
+    ingester.stop().await;
+    worker.stop().await;
+}
+
+/// The epoch check works for a Redis user that may not run INFO (some managed services): it
+/// then cannot see restarts, but still sees a missing marker or group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_check_works_without_info() {
+    let stack = Stack::with_config(CONFIG).await;
+    let mut admin = stack.redis_conn().await;
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER", "noinfo", "on", ">secret", "~*", "&*", "+@all", "-info",
+            ][..],
+        )
+        .query_async(&mut admin)
+        .await
+        .expect("acl");
+    let url = format!("redis://noinfo:secret@127.0.0.1:{}/", stack.redis.port());
+    let mut conn = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect as noinfo");
+    let info: redis::RedisResult<String> = redis::cmd("INFO").query_async(&mut conn).await;
+    assert!(info.is_err(), "the user may not run INFO");
+    let (key, stream, group) = (stack.config.epoch_key(), stack.config.stream_name(), "g");
+    let first = widget_runtime::durability::ensure_epoch(&mut conn, &key, &stream, group, None)
+        .await
+        .expect("epoch without INFO");
+    assert!(first.id.starts_with("unknown:"), "{first:?}");
+    let same =
+        widget_runtime::durability::ensure_epoch(&mut conn, &key, &stream, group, Some(&first.id))
+            .await
+            .expect("again");
+    assert_eq!((same.id.as_str(), same.started), (first.id.as_str(), None));
+    let _: () = admin.del(&stream).await.expect("del stream");
+    let after =
+        widget_runtime::durability::ensure_epoch(&mut conn, &key, &stream, group, Some(&first.id))
+            .await
+            .expect("after del");
+    assert_ne!(
+        after.id, first.id,
+        "a deleted stream still starts a new epoch"
+    );
+}

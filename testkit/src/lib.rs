@@ -44,6 +44,11 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr().map_err(io("local addr"))?.port())
 }
 
+/// Whether a server failed to start because its port was already in use.
+fn port_taken(e: &Error) -> bool {
+    e.to_string().contains("Address already in use")
+}
+
 fn is_root() -> bool {
     // SAFETY-free check: `id -u` avoids a libc dependency.
     Command::new("id")
@@ -269,8 +274,18 @@ impl PgServer {
             port: free_port()?,
             child: None,
         };
-        server.start_again().await?;
-        Ok(server)
+        // The free port can be taken by another process between our probe and the server's
+        // bind (many tests start servers at once): pick another and try again.
+        let mut attempts = 0;
+        loop {
+            match server.start_again().await {
+                Err(e) if attempts < 5 && port_taken(&e) => {
+                    attempts += 1;
+                    server.port = free_port()?;
+                }
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -445,8 +460,17 @@ impl RedisServer {
             args,
             master_port,
         };
-        server.start_again().await?;
-        Ok(server)
+        // As for Postgres: the probed port may be taken before the server binds it.
+        let mut attempts = 0;
+        loop {
+            match server.start_again().await {
+                Err(e) if attempts < 5 && port_taken(&e) => {
+                    attempts += 1;
+                    server.port = free_port()?;
+                }
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     pub fn port(&self) -> u16 {

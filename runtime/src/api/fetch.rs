@@ -269,14 +269,16 @@ async fn lead_read(
         }
     };
     let result = Arc::new(result);
+    let _ = tx.send(Some(result.clone()));
+    if let Ok(rows) = result.as_ref() {
+        backfill(&shared, &keys, rows).await;
+    }
+    // Only now: a request that missed the cache before the back-fill landed joins this answer
+    // instead of reading Postgres again (it would otherwise fall between the two).
     if let Ok(mut inflight) = shared.flights.inflight.lock() {
         for k in &keys {
             inflight.remove(k);
         }
-    }
-    let _ = tx.send(Some(result.clone()));
-    if let Ok(rows) = result.as_ref() {
-        backfill(&shared, &keys, rows).await;
     }
 }
 

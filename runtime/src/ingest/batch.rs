@@ -53,6 +53,7 @@ pub(super) fn decode(entry: &Entry) -> Result<Valid, (&'static str, String)> {
         outbox_row: durability::outbox_id(&ev.event_id, &ev.source).map(|id| durability::RowRef {
             id,
             version: ev.data_version,
+            produced_at_us: ev.produced_at_us,
         }),
         change: Change {
             widget_key: ev.widget_key,

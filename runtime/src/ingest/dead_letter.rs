@@ -7,8 +7,9 @@
 //! doubled (a retry after a lost reply, or a second replica that reclaimed the same entry, finds
 //! it already acknowledged and writes nothing). A MULTI/EXEC would give the first property but
 //! not the second. The same script confirms the entry's outbox row to its worker (see
-//! [`crate::durability`]) together with the XACK: a dead-lettered event is handled, and its row
-//! must not wait in the outbox for a replay.
+//! [`crate::durability`]) together with the XACK when the event was rejected for what it is: it
+//! is handled, and its row must not wait in the outbox for a replay. An entry dead-lettered for
+//! `max-deliveries` is not confirmed (its row stays for a replay or the retention cap).
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -66,7 +67,7 @@ while i <= #ARGV do
     end
     redis.call('XADD', unpack(args))
   end
-  if confirm > 0 then
+  if acked == 1 and confirm > 0 then
     redis.call('SADD', KEYS[confirm], ARGV[i + 2])
   end
   out[#out + 1] = acked
@@ -101,7 +102,13 @@ impl DeadLetter {
         let origin = text(stream::field::SOURCE).and_then(|source| {
             let id = durability::outbox_id(text(stream::field::EVENT_ID)?, source)?;
             let version = text(stream::field::DATA_VERSION)?.parse().ok()?;
-            Some((source.to_string(), durability::RowRef { id, version }))
+            let produced_at_us = text(stream::field::PRODUCED_AT_US)?.parse().ok()?;
+            let row = durability::RowRef {
+                id,
+                version,
+                produced_at_us,
+            };
+            Some((source.to_string(), row))
         });
         let total = fields.len();
         if total > MAX_COPIED_FIELDS {
@@ -163,7 +170,11 @@ pub async fn move_entries<C: ConnectionLike>(
     let mut confirm_keys: Vec<&str> = Vec::new();
     for l in letters {
         let fields = l.entry_fields(target.consumer, now);
-        let (index, member) = match &l.origin {
+        // An entry that merely kept failing is not confirmed: its row stays in the outbox (the
+        // only copy outside Redis) for a replay or the retention cap, rather than living on
+        // only in the dead-letter stream.
+        let origin = l.origin.as_ref().filter(|_| l.reason != MAX_DELIVERIES);
+        let (index, member) = match origin {
             Some((source, row)) => match target.confirmed_keys.get(source) {
                 Some(key) => {
                     let key = key.as_str();

@@ -248,10 +248,7 @@ impl OutboxWorker {
             "UPDATE {table} SET published_at = clock_timestamp(), relay_epoch = $2
              WHERE id = ANY($1::bigint[])"
         );
-        let replay_sql = format!(
-            "UPDATE {table} SET published_at = NULL, relay_epoch = NULL
-             WHERE published_at IS NOT NULL AND relay_epoch IS DISTINCT FROM $1"
-        );
+        let replay_sql = replay_sql(&table, "published_at IS NOT NULL");
         readiness.fail("redis", "not connected yet");
         readiness.fail("database", "not connected yet");
         Self {
@@ -283,6 +280,7 @@ impl OutboxWorker {
             )),
             tokio::spawn(sweep_loop(
                 self.pool.clone(),
+                self.redis.clone(),
                 self.settings.clone(),
                 self.metrics.clone(),
                 self.stats.clone(),
@@ -763,11 +761,30 @@ async fn listen_for_wakeups(
     }
 }
 
-/// Refreshes the backlog gauges and applies the retention cap: a relayed row still unconfirmed
-/// after `retention`, or beyond the `maxRetainedRows` oldest, is deleted, counted and logged.
-/// Unpublished rows are never touched: they are the only copy of their event.
+/// The replay: rows relayed under an epoch other than $1 (and matching `when`) are unpublished
+/// again. Every statement here that locks many outbox rows locks them in id order, so two of
+/// them (replay, confirmation deletes, the caps) never deadlock each other.
+fn replay_sql(table: &str, when: &str) -> String {
+    format!(
+        "UPDATE {table} SET published_at = NULL, relay_epoch = NULL WHERE id IN (
+             SELECT id FROM {table} WHERE {when} AND relay_epoch IS DISTINCT FROM $1
+             ORDER BY id FOR UPDATE)"
+    )
+}
+
+/// Rows stamped with an old epoch after the replay ran (a worker that checked the epoch just
+/// before Redis lost data, and committed just after) are replayed by the sweep once they are
+/// this old, so they cannot be stranded when that worker stops before its next check.
+const STRANDED_AFTER: Duration = Duration::from_secs(5);
+
+/// Refreshes the backlog gauges, replays rows stranded under an old epoch, and applies the
+/// retention cap: a relayed row still unconfirmed after `retention`, or beyond the
+/// `maxRetainedRows` newest, is deleted, counted and logged. Unpublished rows are never
+/// touched: they are the only copy of their event. One worker of a source sweeps at a time
+/// (an advisory lock), so several do not each delete the excess.
 async fn sweep_loop(
     pool: PgPool,
+    client: redis::Client,
     settings: WorkerSettings,
     metrics: WorkerMetrics,
     stats: Arc<Stats>,
@@ -779,51 +796,94 @@ async fn sweep_loop(
                 count(*) FILTER (WHERE published_at IS NOT NULL)
          FROM {table}"
     );
+    let stranded_sql = replay_sql(
+        &table,
+        &format!(
+            "published_at < clock_timestamp() - make_interval(secs => {})",
+            STRANDED_AFTER.as_secs()
+        ),
+    );
+    let lock_key = format!("widget-outbox-sweep:{}", settings.source.outbox_table);
     let expire_sql = format!(
-        "DELETE FROM {table}
-         WHERE published_at < clock_timestamp() - make_interval(secs => $1::float8)"
+        "DELETE FROM {table} WHERE published_at IS NOT NULL AND id IN (
+             SELECT id FROM {table}
+             WHERE published_at < clock_timestamp() - make_interval(secs => $1::float8)
+             ORDER BY id FOR UPDATE)"
     );
     let trim_sql = format!(
-        "DELETE FROM {table} WHERE id IN (
-             SELECT id FROM {table} WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)"
+        "DELETE FROM {table} WHERE published_at IS NOT NULL AND id IN (
+             SELECT id FROM {table} WHERE published_at IS NOT NULL AND id <= (
+                 SELECT id FROM {table} WHERE published_at IS NOT NULL
+                 ORDER BY id DESC OFFSET $1 LIMIT 1)
+             ORDER BY id FOR UPDATE)"
     );
     let source = settings.source.name.clone();
     let (retention, cap) = (settings.source.retention, settings.source.max_retained_rows);
+    let mut redis: Option<ConnectionManager> = None;
     let mut capped_sweeps = 0u64;
     // The cap stays reported for a while after it last deleted rows, so a status read every
     // few minutes still sees it.
     let mut capped_until: Option<std::time::Instant> = None;
     loop {
+        // Best effort: without Redis there is no current epoch to compare with.
+        let epoch: Option<String> = async {
+            let conn = match &mut redis {
+                Some(c) => c,
+                None => redis.insert(connect::redis_manager(&client).await.ok()?),
+            };
+            redis::cmd("GET")
+                .arg(&settings.epoch_key)
+                .query_async(conn)
+                .await
+                .ok()?
+        }
+        .await;
         let sweep = async {
-            let (mut backlog, mut retained): (i64, i64) =
-                sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
-                    .fetch_one(&pool)
-                    .await?;
-            let mut expired = sqlx::query(sqlx::AssertSqlSafe(expire_sql.as_str()))
-                .bind(retention.as_secs_f64())
-                .execute(&pool)
-                .await?
-                .rows_affected();
-            let over = (retained - expired as i64).saturating_sub(cap as i64);
-            if over > 0 {
-                expired += sqlx::query(sqlx::AssertSqlSafe(trim_sql.as_str()))
-                    .bind(over)
+            let mut stranded = 0;
+            if let Some(epoch) = &epoch {
+                stranded = sqlx::query(sqlx::AssertSqlSafe(stranded_sql.as_str()))
+                    .bind(epoch)
                     .execute(&pool)
                     .await?
                     .rows_affected();
             }
-            if expired > 0 {
-                (backlog, retained) = sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
+            let mut tx = pool.begin().await?;
+            let mut expired = 0;
+            let ours: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(&lock_key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if ours {
+                expired += sqlx::query(sqlx::AssertSqlSafe(expire_sql.as_str()))
+                    .bind(retention.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                expired += sqlx::query(sqlx::AssertSqlSafe(trim_sql.as_str()))
+                    .bind(i64::try_from(cap).unwrap_or(i64::MAX))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+            let (backlog, retained): (i64, i64) =
+                sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
                     .fetch_one(&pool)
                     .await?;
-            }
-            Ok::<_, sqlx::Error>((backlog, retained, expired))
+            Ok::<_, sqlx::Error>((backlog, retained, expired, stranded))
         };
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
             r = sweep => r,
         };
-        if let Ok((backlog, retained, expired)) = result {
+        if let Ok((backlog, retained, expired, stranded)) = result {
+            if stranded > 0 {
+                metrics.replayed.inc_by(stranded);
+                stats.add(stats::field::REPLAYED, stranded);
+                tracing::warn!(source = %source, rows = stranded,
+                    "rows relayed under an earlier stream epoch after its replay are published again");
+            }
             if expired > 0 {
                 capped_until = Some(std::time::Instant::now() + CAP_REPORTED_FOR);
             }
@@ -885,13 +945,18 @@ async fn confirm_loop(
     metrics: WorkerMetrics,
     cancel: CancellationToken,
 ) {
+    let table = quote_identifier(&settings.source.outbox_table);
     let delete_sql = format!(
-        "DELETE FROM {} AS o USING UNNEST($1::bigint[], $2::bigint[]) AS c(id, version)
-         WHERE o.id = c.id AND o.data_version = c.version",
-        quote_identifier(&settings.source.outbox_table)
+        "DELETE FROM {table} WHERE id IN (
+             SELECT o.id FROM {table} AS o
+             JOIN UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS c(id, version, produced)
+               ON o.id = c.id AND o.data_version = c.version
+              AND (extract(epoch FROM o.created_at) * 1000000)::bigint = c.produced
+             ORDER BY o.id FOR UPDATE OF o)"
     );
     let key = settings.confirmed_key.clone();
     let mut conn: Option<ConnectionManager> = None;
+    let mut failures = 0u32;
     loop {
         let pass = async {
             let redis = match &mut conn {
@@ -908,9 +973,11 @@ async fn confirm_loop(
                 .collect();
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+            let produced: Vec<i64> = rows.iter().map(|r| r.produced_at_us).collect();
             let deleted = sqlx::query(sqlx::AssertSqlSafe(delete_sql.as_str()))
                 .bind(&ids)
                 .bind(&versions)
+                .bind(&produced)
                 .execute(&pool)
                 .await?
                 .rows_affected();
@@ -924,12 +991,21 @@ async fn confirm_loop(
         };
         let pause = match result {
             // A full page: more are waiting.
-            Ok(n) if n >= CONFIRM_BATCH => Duration::ZERO,
-            Ok(_) => settings.confirm_interval,
+            Ok(n) => {
+                failures = 0;
+                if n >= CONFIRM_BATCH {
+                    Duration::ZERO
+                } else {
+                    settings.confirm_interval
+                }
+            }
             Err(e) => {
-                tracing::debug!(source = %settings.source.name, error = %e,
-                    "confirmation pass failed; rows stay retained until the next one");
-                settings.confirm_interval.max(Duration::from_secs(1))
+                failures = failures.saturating_add(1);
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(source = %settings.source.name, error = %e, failures,
+                        "confirmation pass failed; confirmed rows stay in the outbox until one succeeds");
+                }
+                backoff(failures).max(settings.confirm_interval)
             }
         };
         tokio::select! {
