@@ -111,6 +111,9 @@ async fn operator_runs_the_sample_pipeline() -> anyhow::Result<()> {
     let status = ready.status.clone().unwrap_or_default();
     let live = status.live.as_ref().expect("live figures in status");
     assert!(live.stream_length >= 0 && live.pending >= 0);
+    // The dev Redis runs the image's default policy, which cannot evict the stream; the
+    // operator reads it itself (a Ready pipeline also means no RedisEvictionUnsafe).
+    assert_eq!(live.maxmemory_policy.as_deref(), Some("noeviction"));
     assert!(status.last_probe_time.is_some());
     assert_eq!(status.components.len(), 3);
     assert!(status.components.iter().all(|c| c.ready_replicas >= 1));
@@ -192,7 +195,7 @@ async fn the_api_server_rejects_invalid_pipelines() -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let pipelines: Api<WidgetPipeline> = Api::namespaced(client, NS);
     let base = serde_json::to_value(sample()?)?;
-    let cases: [(&str, serde_json::Value, &str); 3] = [
+    let cases: [(&str, serde_json::Value, &str); 4] = [
         (
             "duplicate source names",
             json!({"sources": [base["spec"]["sources"][0], base["spec"]["sources"][0]]}),
@@ -202,6 +205,11 @@ async fn the_api_server_rejects_invalid_pipelines() -> anyhow::Result<()> {
             "a bad duration",
             json!({"cache": {"ingestTtl": "seven days"}}),
             "ingestTtl",
+        ),
+        (
+            "a retention row cap under the minimum",
+            json!({"sources": [{"name": "deals", "database": base["spec"]["sources"][0]["database"], "maxRetainedRows": 10}]}),
+            "maxRetainedRows",
         ),
         (
             "a bad source name",
