@@ -267,7 +267,7 @@ impl Config {
 
     /// The set of outbox ids of `source` whose events the core side has durably applied.
     pub fn confirmed_key(&self, source: &str) -> String {
-        format!("{}.confirmed.{source}", self.stream_name())
+        crate::durability::confirmed_key(&self.stream_name(), source)
     }
 
     /// Re-warm bookkeeping: which epoch the cache was last warmed for, the lock, the cursor.
@@ -383,16 +383,20 @@ fn positive(field: &str, d: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Pipeline, source and screen names: they become Kubernetes names and key prefixes.
-fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
+/// Whether `name` is a valid pipeline, source or screen name.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+        && !name.ends_with('-')
+}
+
+/// Pipeline, source and screen names: they become Kubernetes names and key prefixes.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(invalid(

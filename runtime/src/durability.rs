@@ -147,10 +147,17 @@ pub async fn ensure_epoch<C: ConnectionLike>(
 
 static WARNED_NO_RUN_ID: AtomicBool = AtomicBool::new(false);
 
+/// The confirmation set of `source`'s outbox rows, beside the stream.
+pub fn confirmed_key(stream: &str, source: &str) -> String {
+    format!("{stream}.confirmed.{source}")
+}
+
 /// The outbox id of an event relayed by `source`'s worker (`event_id` = `<source>:<id>`).
 pub fn outbox_id(event_id: &str, source: &str) -> Option<i64> {
     let (s, id) = event_id.split_once(':')?;
-    if s != source {
+    // Any well-formed source, not only the configured ones: an ingester still on a config
+    // without a newly added source must confirm its rows too.
+    if s != source || !crate::config::is_valid_name(source) {
         return None;
     }
     id.parse().ok().filter(|id: &i64| *id > 0)

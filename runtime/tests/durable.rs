@@ -70,7 +70,15 @@ fn start_worker_on(
     stack: &Stack,
     redis_url: &str,
 ) -> Running<widget_runtime::outbox::worker::WorkerError> {
-    let mut settings = WorkerSettings::from_config(&stack.config, "deals").expect("source");
+    start_source_worker(stack, redis_url, "deals")
+}
+
+fn start_source_worker(
+    stack: &Stack,
+    redis_url: &str,
+    source: &str,
+) -> Running<widget_runtime::outbox::worker::WorkerError> {
+    let mut settings = WorkerSettings::from_config(&stack.config, source).expect("source");
     settings.stats_interval = Duration::from_millis(100);
     settings.backlog_interval = Duration::from_millis(200);
     let mut registry = Registry::default();
@@ -1068,4 +1076,65 @@ async fn the_epoch_check_works_without_info() {
         after.id, first.id,
         "a deleted stream still starts a new epoch"
     );
+}
+
+/// During a rollout the ingesters may still run a config without a source just added: they
+/// apply its events (ownership holds) and must confirm its rows too, or those rows would sit in
+/// the outbox until the retention cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingester_without_a_new_source_in_its_config_confirms_its_rows() {
+    let stack = Stack::with_config(&format!(
+        "{CONFIG}  - {{name: loyalty, outboxTable: loyalty_outbox, pollInterval: 50ms}}\n"
+    ))
+    .await;
+    let product = stack.pool(&stack.product_url).await;
+    sqlx::query("CREATE TABLE loyalty_outbox (LIKE widget_outbox INCLUDING ALL)")
+        .execute(&product)
+        .await
+        .expect("loyalty outbox");
+    let worker = start_source_worker(&stack, &stack.redis.url(), "loyalty");
+    let mut old = stack.config.clone();
+    old.sources.retain(|s| s.name == "deals");
+    let mut registry = Registry::default();
+    let ingester = Ingester::new(
+        &old,
+        "old-config".into(),
+        stack.redis_client(),
+        stack.lazy_pool(&stack.core_url),
+        &mut registry,
+        Readiness::default(),
+    );
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(ingester.run(cancel.clone()));
+    let outbox = Outbox::with_table("loyalty_outbox").expect("table");
+    let mut tx = product.begin().await.expect("begin");
+    outbox
+        .push(
+            &mut tx,
+            &WidgetEvent::upsert("loyalty.points:7", "points", 3, json!({"points": 70})),
+        )
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    wait_for(
+        "the loyalty row is applied, confirmed and deleted",
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM loyalty_outbox")
+                .fetch_one(&product)
+                .await
+                .expect("count")
+                == 0
+        },
+    )
+    .await;
+    let core = stack.pool(&stack.core_url).await;
+    let stored = store::fetch_many(&core, &["loyalty.points:7"])
+        .await
+        .expect("read");
+    assert_eq!(stored.first().map(|w| w.data_version), Some(3));
+    cancel.cancel();
+    task.await
+        .expect("ingester task")
+        .expect("ingester ends cleanly");
+    worker.stop().await;
 }

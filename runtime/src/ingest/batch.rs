@@ -238,10 +238,9 @@ impl Worker {
             let ids: Vec<&str> = acked.iter().map(|v| v.id.as_str()).collect();
             let mut confirms = Confirmations::default();
             for v in &acked {
-                if let (Some(row), Some(key)) =
-                    (v.outbox_row, self.s.confirmed_keys.get(&v.change.source))
-                {
-                    confirms.add(key.clone(), row);
+                if let Some(row) = v.outbox_row {
+                    let key = durability::confirmed_key(&self.s.stream, &v.change.source);
+                    confirms.add(key, row);
                 }
             }
             let (stream, group, ids) = (self.s.stream.as_str(), self.s.group.as_str(), &ids);

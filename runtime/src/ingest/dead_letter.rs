@@ -11,7 +11,6 @@
 //! is handled, and its row must not wait in the outbox for a replay. An entry dead-lettered for
 //! `max-deliveries` is not confirmed (its row stays for a replay or the retention cap).
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use redis::Script;
@@ -150,8 +149,6 @@ pub struct DeadLetterTarget<'a> {
     pub dead_stream: &'a str,
     pub max_len: u64,
     pub consumer: &'a str,
-    /// The confirmation set of each source of the pipeline.
-    pub confirmed_keys: &'a HashMap<String, String>,
 }
 
 /// Moves entries in one atomic script call; returns per entry whether this call moved it.
@@ -167,7 +164,7 @@ pub async fn move_entries<C: ConnectionLike>(
     let mut inv = MOVE.prepare_invoke();
     inv.key(target.stream).key(target.dead_stream);
     inv.arg(target.group).arg(target.max_len);
-    let mut confirm_keys: Vec<&str> = Vec::new();
+    let mut confirm_keys: Vec<String> = Vec::new();
     for l in letters {
         let fields = l.entry_fields(target.consumer, now);
         // An entry that merely kept failing is not confirmed: its row stays in the outbox (the
@@ -175,21 +172,18 @@ pub async fn move_entries<C: ConnectionLike>(
         // only in the dead-letter stream.
         let origin = l.origin.as_ref().filter(|_| l.reason != MAX_DELIVERIES);
         let (index, member) = match origin {
-            Some((source, row)) => match target.confirmed_keys.get(source) {
-                Some(key) => {
-                    let key = key.as_str();
-                    let at = match confirm_keys.iter().position(|k| *k == key) {
-                        Some(at) => at,
-                        None => {
-                            confirm_keys.push(key);
-                            inv.key(key);
-                            confirm_keys.len() - 1
-                        }
-                    };
-                    (at + 3, row.member())
-                }
-                None => (0, String::new()),
-            },
+            Some((source, row)) => {
+                let key = durability::confirmed_key(target.stream, source);
+                let at = match confirm_keys.iter().position(|k| *k == key) {
+                    Some(at) => at,
+                    None => {
+                        inv.key(&key);
+                        confirm_keys.push(key);
+                        confirm_keys.len() - 1
+                    }
+                };
+                (at + 3, row.member())
+            }
             None => (0, String::new()),
         };
         inv.arg(&l.id).arg(index).arg(member).arg(fields.len() * 2);

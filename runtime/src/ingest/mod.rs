@@ -16,7 +16,6 @@ pub mod dead_letter;
 pub mod metrics;
 pub mod reclaim;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,8 +65,6 @@ pub struct IngestSettings {
     pub max_block: Duration,
     pub stats_interval: Duration,
     pub epoch_key: String,
-    /// Each source's confirmation set (see [`crate::durability`]).
-    pub confirmed_keys: HashMap<String, String>,
     pub warm: crate::warm::WarmSettings,
 }
 
@@ -89,11 +86,6 @@ impl IngestSettings {
             max_block: MAX_BLOCK,
             stats_interval: stats::FLUSH_INTERVAL,
             epoch_key: config.epoch_key(),
-            confirmed_keys: config
-                .sources
-                .iter()
-                .map(|s| (s.name.clone(), config.confirmed_key(&s.name)))
-                .collect(),
             warm: crate::warm::WarmSettings::from_config(config),
         }
     }
@@ -511,7 +503,6 @@ impl Worker {
             dead_stream: &self.s.dead_stream,
             max_len: self.s.dead_max_len,
             consumer: &self.consumer,
-            confirmed_keys: &self.s.confirmed_keys,
         };
         let moved = self
             .links
