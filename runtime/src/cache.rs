@@ -46,6 +46,24 @@ return out
     )
 });
 
+/// Most bytes of values in one call of the guarded script: a whole batch of large widgets in
+/// one call (batch size x 64 KiB) could outlast the connection's response timeout or pass the
+/// server's query-buffer limit, fail on every retry and never progress.
+pub const MAX_WRITE_BYTES: usize = 1 << 20;
+
+/// Consecutive ranges of `writes` of at most [`MAX_WRITE_BYTES`] each, one script call per range.
+pub fn write_chunks(writes: &[CacheWrite<'_>]) -> Vec<std::ops::Range<usize>> {
+    chunks_of(writes, MAX_WRITE_BYTES)
+}
+
+fn chunks_of(writes: &[CacheWrite<'_>], max: usize) -> Vec<std::ops::Range<usize>> {
+    crate::chunk::by_size(
+        writes,
+        |w| w.json.map_or(0, <[u8]>::len) + w.widget_key.len() + 32,
+        max,
+    )
+}
+
 /// One guarded write.
 #[derive(Debug, Clone)]
 pub struct CacheWrite<'a> {
@@ -164,6 +182,22 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_are_chunked_by_bytes() {
+        let big: &[u8] = &[b'x'; 600];
+        let w = |json: Option<&'static [u8]>| CacheWrite {
+            widget_key: "a.b",
+            version: 1,
+            json,
+            ttl: Duration::from_secs(1),
+        };
+        let big: &'static [u8] = Box::leak(big.to_vec().into_boxed_slice());
+        let writes = vec![w(Some(big)), w(Some(big)), w(None), w(Some(big))];
+        // 635 + 635 > 1000: each big one alone, the tombstone rides with the one before it.
+        assert_eq!(chunks_of(&writes, 1000), vec![0..1, 1..3, 3..4]);
+        assert!(write_chunks(&[]).is_empty());
+    }
 
     #[test]
     fn values_round_trip() {

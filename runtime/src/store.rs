@@ -136,6 +136,38 @@ pub async fn apply_batch(pool: &PgPool, changes: &[Change]) -> Result<Vec<Applie
         .collect())
 }
 
+/// Postgres renders `jsonb` as text with a space after every `:` and `,` (`{"a": 1, "b": [1, 2]}`).
+/// This removes exactly those spaces, outside strings, so what is relayed, cached and served is
+/// the compact JSON a producer's size limit was measured on (a 58,881-byte widget is 68,280 bytes
+/// as jsonb text). Numbers and strings are kept byte for byte, which a parse and re-serialize
+/// (serde_json's `f64` numbers) would not do. Text that is not jsonb output only loses the
+/// whitespace between tokens, so it stays the same JSON.
+pub fn compact_jsonb_text(text: String) -> String {
+    if !text.contains(": ") && !text.contains(", ") {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !c.is_ascii_whitespace() {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A stored widget as the API needs it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredWidget {
@@ -152,11 +184,44 @@ pub async fn fetch_many(pool: &PgPool, keys: &[&str]) -> Result<Vec<StoredWidget
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_as(
+    let mut rows: Vec<StoredWidget> = sqlx::query_as(
         "SELECT widget_key, widget_type, data_version, deleted, content::text AS content
          FROM widgets WHERE widget_key = ANY($1::text[])",
     )
     .bind(keys)
     .fetch_all(pool)
-    .await
+    .await?;
+    for row in &mut rows {
+        row.content = row.content.take().map(compact_jsonb_text);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compact_jsonb_text;
+
+    #[test]
+    fn jsonb_text_is_made_compact_without_touching_strings_or_numbers() {
+        let c = |s: &str| compact_jsonb_text(s.to_string());
+        assert_eq!(
+            c(r#"{"a": 1, "b": [1.50, 2e3, -0], "c": {"d": null}}"#),
+            r#"{"a":1,"b":[1.50,2e3,-0],"c":{"d":null}}"#
+        );
+        // Separators inside strings, escaped quotes and backslashes stay as they are.
+        assert_eq!(
+            c(r#"{"t": "a, b: c", "q": "say \"x: y\", ok", "s": "\\", "u": "é, ü"}"#),
+            r#"{"t":"a, b: c","q":"say \"x: y\", ok","s":"\\","u":"é, ü"}"#
+        );
+        assert_eq!(c(r#"[]"#), "[]");
+        assert_eq!(c(r#""x, y""#), r#""x, y""#);
+        for text in [
+            r#"{"a": [1, {"b": "c: d"}], "e": "\", "}"#,
+            r#"{"k": "\\\"", "n": 12345678901234567890.5}"#,
+        ] {
+            let before: serde_json::Value = serde_json::from_str(text).expect("json");
+            let after: serde_json::Value = serde_json::from_str(&c(text)).expect("still json");
+            assert_eq!(before, after, "{text}");
+        }
+    }
 }

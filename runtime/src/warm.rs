@@ -116,10 +116,6 @@ return 1
     )
 });
 
-/// Most bytes of cache values per script call, so one call stays well inside the response
-/// timeout even for pages of large widgets.
-const MAX_WRITE_BYTES: usize = 1 << 20;
-
 /// A row of the widgets table as the re-warm reads it.
 type Row = (String, String, i64, bool, Option<String>, String);
 
@@ -267,6 +263,10 @@ impl Warmer {
                 return Ok(());
             }
             let rows = page(&self.pool, after.as_ref(), s.page).await?;
+            let mut rows = rows;
+            for row in &mut rows {
+                row.4 = row.4.take().map(crate::store::compact_jsonb_text);
+            }
             let Some(last) = rows.last() else { break };
             after = Some((last.5.clone(), last.0.clone()));
             let jsons: Vec<Option<Vec<u8>>> = rows
@@ -290,7 +290,7 @@ impl Warmer {
                     ttl: s.ttl,
                 })
                 .collect();
-            for chunk in byte_chunks(&writes, MAX_WRITE_BYTES) {
+            for chunk in cache::write_chunks(&writes) {
                 cache.write_many(c, &writes[chunk]).await?;
             }
             written += rows.len() as u64;
@@ -393,35 +393,5 @@ async fn page(
             .fetch_all(pool)
             .await
         }
-    }
-}
-
-/// Script calls of at most `max` value bytes each.
-fn byte_chunks(writes: &[CacheWrite<'_>], max: usize) -> Vec<std::ops::Range<usize>> {
-    crate::chunk::by_size(
-        writes,
-        |w| w.json.map_or(0, <[u8]>::len) + w.widget_key.len() + 32,
-        max,
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_are_chunked_by_bytes() {
-        let big = vec![b'x'; 600];
-        let w = |json: Option<&'static [u8]>| CacheWrite {
-            widget_key: "a.b",
-            version: 1,
-            json,
-            ttl: Duration::from_secs(1),
-        };
-        let big: &'static [u8] = Box::leak(big.into_boxed_slice());
-        let writes = vec![w(Some(big)), w(Some(big)), w(None), w(Some(big))];
-        // 635 + 635 > 1000: each big one alone, the tombstone rides with the one before it.
-        assert_eq!(byte_chunks(&writes, 1000), vec![0..1, 1..3, 3..4]);
-        assert!(byte_chunks(&[], 1000).is_empty());
     }
 }

@@ -601,3 +601,112 @@ async fn end_to_end_in_one_process_product_write_reaches_the_api() {
     cancel.cancel();
     running.await.expect("dev task").expect("dev stops cleanly");
 }
+
+/// The size a producer is told fits (64 KiB of compact JSON) is what holds end to end: a widget
+/// of about 59 KB compact, whose Postgres jsonb text is over 64 KiB, is relayed compact, applied
+/// and served; one over the limit is refused by the library, and written around it with plain
+/// SQL it is dead-lettered with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_content_limit_a_producer_is_told_holds_end_to_end() {
+    let stack = Stack::with_config(CONFIG).await;
+    let product = stack.pool(&stack.product_url).await;
+    sqlx::query("CREATE TABLE loyalty_outbox (LIKE widget_outbox INCLUDING ALL)")
+        .execute(&product)
+        .await
+        .expect("loyalty outbox");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cancel = CancellationToken::new();
+    let stores = dev::DevStores {
+        redis_url: stack.redis.url(),
+        core_database_url: stack.core_url.clone(),
+        source_database_url: stack.product_url.clone(),
+    };
+    let running = tokio::spawn(dev::run(
+        stack.config.clone(),
+        stores,
+        listener,
+        cancel.clone(),
+    ));
+
+    let items: Vec<Value> = (0..4200).map(|i| json!({"a": i % 10, "b": 7})).collect();
+    let content = json!({"items": items});
+    let compact = serde_json::to_vec(&content).expect("json").len();
+    assert!(
+        (55_000..65_536).contains(&compact),
+        "{compact} bytes compact"
+    );
+    let mut tx = product.begin().await.expect("begin");
+    Outbox::enqueue(
+        &mut tx,
+        &WidgetEvent::upsert("deals.top-picks", "carousel", 1, content),
+    )
+    .await
+    .expect("fits the limit");
+    tx.commit().await.expect("commit");
+    let as_text: i32 = sqlx::query_scalar("SELECT octet_length(content::text) FROM widget_outbox")
+        .fetch_one(&product)
+        .await
+        .expect("text size");
+    assert!(
+        as_text > 65_536,
+        "Postgres renders it larger: {as_text} bytes"
+    );
+
+    let served = eventually(WAIT, || {
+        let addr = addr.clone();
+        async move {
+            let r = http_get(&addr, "/v1/widgets?keys=deals.top-picks", &[]).await?;
+            let body: Value = serde_json::from_str(&r.body).ok()?;
+            (body["widgets"][0]["version"] == 1).then_some(body)
+        }
+    })
+    .await
+    .expect("the 59 KB widget is applied and served");
+    assert_eq!(
+        served["widgets"][0]["content"]["items"][4199],
+        json!({"a": 9, "b": 7})
+    );
+
+    // Over the limit: the library refuses it before anything is written ...
+    let big = json!({"blob": "x".repeat(70_000)});
+    let mut tx = product.begin().await.expect("begin");
+    let refused = Outbox::enqueue(
+        &mut tx,
+        &WidgetEvent::upsert("deals.hot-deal", "banner", 1, big.clone()),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "the library refuses content over the limit"
+    );
+    drop(tx);
+    // ... and written around it with plain SQL, it is dead-lettered with its reason.
+    sqlx::query(
+        "INSERT INTO widget_outbox (widget_key, widget_type, data_version, op, content)
+         VALUES ('deals.hot-deal', 'banner', 1, 'upsert', $1)",
+    )
+    .bind(&big)
+    .execute(&product)
+    .await
+    .expect("plain insert");
+    let conn = stack.redis_conn().await;
+    let dead_stream = stack.config.dead_letter_stream();
+    let reason = eventually(WAIT, || {
+        let (mut conn, dead_stream) = (conn.clone(), dead_stream.clone());
+        async move {
+            let entries = support::read_stream(&mut conn, &dead_stream).await;
+            entries
+                .iter()
+                .find(|(_, m)| support::field_str(m, "widget_key") == "deals.hot-deal")
+                .map(|(_, m)| support::field_str(m, "reason"))
+        }
+    })
+    .await
+    .expect("dead-lettered");
+    assert_eq!(reason, "content-too-large");
+    cancel.cancel();
+    running.await.expect("dev task").expect("dev stops cleanly");
+}

@@ -1189,3 +1189,32 @@ async fn redelivery_after_commit_but_before_cache_write_still_fills_the_cache() 
     );
     ing.stop().await;
 }
+
+/// A batch of large widgets (about 3.6 MB of cache values) goes through the cache in parts of
+/// at most `cache::MAX_WRITE_BYTES` (the cut itself is unit-tested in `cache`): every widget is
+/// cached with its version and the batch is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_large_widgets_is_cached_in_parts_of_bounded_size() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let stream = stack.config.stream_name();
+    let blob = "x".repeat(60_000);
+    for n in 1..=60 {
+        let mut ev = event("deals", &format!("deals.big-{n}"), n, Op::Upsert);
+        ev.content = Some(serde_json::to_vec(&serde_json::json!({"blob": blob})).expect("json"));
+        xadd(&mut conn, &stream, &ev).await;
+    }
+    let ing = Running::start(&stack, "pod-big", 100);
+    wait_drained(&mut conn, &stack.config).await;
+    let cache = Cache::new(stack.config.key_prefix());
+    for n in 1..=60 {
+        let raw = cached(&mut conn, &cache, &format!("deals.big-{n}"))
+            .await
+            .unwrap_or_else(|| panic!("deals.big-{n} cached"));
+        assert!(matches!(
+            cache::decode_value(&raw),
+            Some(Cached::Widget { version, .. }) if version == n
+        ));
+    }
+    ing.stop().await;
+}

@@ -218,12 +218,13 @@ impl Worker {
                 ttl,
             })
             .collect();
-        if !writes.is_empty() {
+        // One script call per MiB of values; each part is retried on its own.
+        for chunk in crate::cache::write_chunks(&writes) {
             let cache = &self.cache;
-            let writes = &writes;
+            let part = &writes[chunk];
             self.links
                 .redis(cancel, "cache", move |mut conn| async move {
-                    cache.write_many(&mut conn, writes).await
+                    cache.write_many(&mut conn, part).await
                 })
                 .await?;
         }

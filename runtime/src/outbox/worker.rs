@@ -518,7 +518,11 @@ impl OutboxWorker {
             widget_type: row.widget_type.clone(),
             data_version: row.data_version,
             op: parsed_op.unwrap_or(Op::Upsert),
-            content: row.content.as_ref().map(|c| c.clone().into_bytes()),
+            // Compact, as the producer library measured it against the size limit.
+            content: row
+                .content
+                .clone()
+                .map(|c| crate::store::compact_jsonb_text(c).into_bytes()),
             produced_at_us: row.produced_at_us,
         };
         let mut fields = event.to_fields();
