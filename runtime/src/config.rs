@@ -303,10 +303,29 @@ impl Config {
         if let Some(prefix) = &self.cache.key_prefix {
             check_redis_name("cache.keyPrefix", prefix)?;
         }
-        positive("cache.ingestTtl", self.cache.ingest_ttl)?;
-        positive("cache.fallbackTtl", self.cache.fallback_ttl)?;
-        positive("reclaim.minIdle", self.reclaim.min_idle)?;
-        positive("reclaim.interval", self.reclaim.interval)?;
+        // Floors, not just "non-zero": below them a setting turns into a busy loop (`1ns` polls),
+        // a reclaim that steals entries other replicas are still processing (min-idle 0), or
+        // cache values that expire as they are written (`PX 1`).
+        at_least(
+            "cache.ingestTtl",
+            self.cache.ingest_ttl,
+            Duration::from_secs(60),
+        )?;
+        at_least(
+            "cache.fallbackTtl",
+            self.cache.fallback_ttl,
+            Duration::from_secs(1),
+        )?;
+        at_least(
+            "reclaim.minIdle",
+            self.reclaim.min_idle,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "reclaim.interval",
+            self.reclaim.interval,
+            Duration::from_millis(100),
+        )?;
         if self.reclaim.max_deliveries == 0 {
             return Err(invalid("reclaim.maxDeliveries", "must be at least 1"));
         }
@@ -337,8 +356,16 @@ impl Config {
                     format!("must be between 1 and 10000, got {}", source.batch_size),
                 ));
             }
-            positive(&format!("sources[{i}].pollInterval"), source.poll_interval)?;
-            positive(&format!("sources[{i}].retention"), source.retention)?;
+            at_least(
+                &format!("sources[{i}].pollInterval"),
+                source.poll_interval,
+                Duration::from_millis(10),
+            )?;
+            at_least(
+                &format!("sources[{i}].retention"),
+                source.retention,
+                Duration::from_secs(1),
+            )?;
             if source.max_retained_rows == 0 {
                 return Err(invalid(
                     format!("sources[{i}].maxRetainedRows"),
@@ -376,9 +403,16 @@ impl Config {
     }
 }
 
-fn positive(field: &str, d: Duration) -> Result<(), ConfigError> {
-    if d.is_zero() {
-        return Err(invalid(field, "must be greater than zero"));
+fn at_least(field: &str, d: Duration, floor: Duration) -> Result<(), ConfigError> {
+    if d < floor {
+        return Err(invalid(
+            field,
+            format!(
+                "must be at least {}, got {}",
+                human_duration::format(floor),
+                human_duration::format(d)
+            ),
+        ));
     }
     Ok(())
 }
@@ -618,6 +652,23 @@ screens:
         assert!(e.contains("sources[0].batchSize"), "{e}");
         let e = err("pipeline: home\nreclaim: {minIdle: 0s}\nsources: [{name: deals}]\n");
         assert!(e.contains("reclaim.minIdle"), "{e}");
+        // Durations that would turn into busy loops or instant expiry are refused by name.
+        for (yaml, field) in [
+            ("reclaim: {minIdle: 500us}", "reclaim.minIdle"),
+            ("reclaim: {interval: 1ns}", "reclaim.interval"),
+            ("cache: {ingestTtl: 10s}", "cache.ingestTtl"),
+            ("cache: {fallbackTtl: 1ms}", "cache.fallbackTtl"),
+        ] {
+            let e = err(&format!(
+                "pipeline: home\n{yaml}\nsources: [{{name: deals}}]\n"
+            ));
+            assert!(e.contains(field) && e.contains("at least"), "{e}");
+        }
+        let e = err("pipeline: home\nsources: [{name: deals, pollInterval: 1ns}]\n");
+        assert!(
+            e.contains("sources[0].pollInterval") && e.contains("at least 10ms"),
+            "{e}"
+        );
         let e = err("pipeline: home\nreclaim: {idleConsumerTtl: 10s}\nsources: [{name: deals}]\n");
         assert!(
             e.contains("reclaim.idleConsumerTtl") && e.contains("at least 1m"),

@@ -13,6 +13,7 @@ pub mod durability;
 pub mod event;
 pub mod ingest;
 pub mod outbox;
+pub mod repair;
 pub mod retry;
 pub mod shutdown;
 pub mod stats;

@@ -47,6 +47,38 @@ enum Command {
     CoreApi(CoreApiArgs),
     /// Run migrations, every outbox-worker, the ingester and the core API in one process.
     Dev(DevArgs),
+    /// Inspect or repair one widget (e.g. one pinned by a nonsense version).
+    Widgets {
+        #[command(subcommand)]
+        action: WidgetsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum WidgetsAction {
+    /// Print what the core database and the cache hold for a key (JSON).
+    Show(WidgetArgs),
+    /// Remove a key's core row and cache entry, so its producer can publish it again.
+    Purge {
+        #[command(flatten)]
+        args: WidgetArgs,
+        /// Really delete; without it, print what would be deleted and exit with status 2.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct WidgetArgs {
+    /// The widget key, e.g. `deals.top-picks`.
+    key: String,
+    /// Pipeline config file (YAML); gives the cache key prefix.
+    #[arg(long, env = "WIDGET_CONFIG")]
+    config: PathBuf,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: String,
+    #[arg(long, env = "CORE_DATABASE_URL", hide_env_values = true)]
+    core_database_url: String,
 }
 
 #[derive(Subcommand)]
@@ -250,6 +282,55 @@ async fn main() -> anyhow::Result<()> {
                 cancel,
             )
             .await?;
+        }
+        Command::Widgets { action } => {
+            let (args, purge) = match action {
+                WidgetsAction::Show(args) => (args, None),
+                WidgetsAction::Purge { args, yes } => (args, Some(yes)),
+            };
+            widget_runtime::event::WidgetKey::parse(&args.key)
+                .with_context(|| format!("`{}` is not a widget key", args.key))?;
+            let config = load_config(&args.config)?;
+            let cache = widget_runtime::cache::Cache::new(config.key_prefix());
+            let pool = sqlx::PgPool::connect(&args.core_database_url)
+                .await
+                .context("cannot connect to the core database")?;
+            let mut redis = connect::redis_client(&args.redis_url)
+                .context("invalid REDIS_URL")?
+                .get_multiplexed_async_connection()
+                .await
+                .context("cannot connect to Redis")?;
+            let report = match purge {
+                None | Some(false) => {
+                    widget_runtime::repair::show(&pool, &mut redis, &cache, &args.key).await?
+                }
+                Some(true) => {
+                    let before = widget_runtime::repair::purge(
+                        &pool,
+                        &mut redis,
+                        &cache,
+                        &args.key,
+                        widget_runtime::repair::SECOND_DELETE_AFTER,
+                    )
+                    .await?;
+                    let by = std::env::var("USER").unwrap_or_else(|_| {
+                        gethostname::gethostname().to_string_lossy().into_owned()
+                    });
+                    tracing::warn!(key = %args.key, by = %by,
+                        version = before.database.as_ref().map(|d| d.data_version),
+                        cached_version = before.cache.as_ref().map(|c| c.version),
+                        "widget purged from the core database and the cache");
+                    before
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if purge == Some(false) {
+                eprintln!(
+                    "nothing deleted: run again with --yes to purge {}",
+                    args.key
+                );
+                std::process::exit(2);
+            }
         }
         Command::Dev(args) => {
             let config = match &args.config {

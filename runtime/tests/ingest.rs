@@ -1218,3 +1218,75 @@ async fn a_batch_of_large_widgets_is_cached_in_parts_of_bounded_size() {
     }
     ing.stop().await;
 }
+
+/// A widget pinned by a nonsense version (near `i64::MAX`) can be repaired by hand:
+/// `widgets show` prints what is stored, `widgets purge` without `--yes` deletes nothing, with
+/// it removes the row and the cache entry, and the producer's next version is applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_widget_is_shown_and_purged_by_hand() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let stream = stack.config.stream_name();
+    let pool = stack.pool(&stack.core_url).await;
+    let ing = Running::start(&stack, "pod-r", 100);
+    let pinned = i64::MAX - 1;
+    xadd(
+        &mut conn,
+        &stream,
+        &event("deals", "deals.pinned", pinned, Op::Upsert),
+    )
+    .await;
+    wait_drained(&mut conn, &stack.config).await;
+    assert_eq!(
+        stored(&pool, "deals.pinned").await.map(|s| s.0),
+        Some(pinned)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, stack.config.to_yaml()).expect("write config");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+            .arg("widgets")
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .env("REDIS_URL", stack.redis.url())
+            .env("CORE_DATABASE_URL", &stack.core_url)
+            .output()
+            .expect("run widget-runtime widgets")
+    };
+    let shown = run(&["show", "deals.pinned"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let report: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("json report");
+    assert_eq!(report["database"]["data_version"], pinned);
+    assert_eq!(report["cache"]["version"], pinned);
+
+    let dry = run(&["purge", "deals.pinned"]);
+    assert_eq!(dry.status.code(), Some(2), "{dry:?}");
+    assert!(String::from_utf8_lossy(&dry.stderr).contains("--yes"));
+    assert_eq!(
+        stored(&pool, "deals.pinned").await.map(|s| s.0),
+        Some(pinned)
+    );
+
+    let purged = run(&["purge", "deals.pinned", "--yes"]);
+    assert!(purged.status.success(), "{purged:?}");
+    assert!(String::from_utf8_lossy(&purged.stdout).contains(&pinned.to_string()));
+    assert_eq!(stored(&pool, "deals.pinned").await, None);
+    let cache = Cache::new(stack.config.key_prefix());
+    assert_eq!(cached(&mut conn, &cache, "deals.pinned").await, None);
+    let bad = run(&["show", "Not A Key"]);
+    assert!(!bad.status.success());
+
+    // The producer's own next version now wins again.
+    xadd(
+        &mut conn,
+        &stream,
+        &event("deals", "deals.pinned", 5, Op::Upsert),
+    )
+    .await;
+    wait_drained(&mut conn, &stack.config).await;
+    assert_eq!(stored(&pool, "deals.pinned").await.map(|s| s.0), Some(5));
+    ing.stop().await;
+}

@@ -255,9 +255,10 @@ impl Worker {
 
         let now_us = now_us();
         for v in &acked {
-            let lag_us = now_us.saturating_sub(v.produced_at_us).max(0);
-            self.metrics.lag_seconds.observe(lag_us as f64 / 1e6);
-            self.stats.observe_lag_ms((lag_us / 1000) as u64);
+            if let Some(lag_us) = lag_sample_us(now_us, v.produced_at_us) {
+                self.metrics.lag_seconds.observe(lag_us as f64 / 1e6);
+                self.stats.observe_lag_ms((lag_us / 1000) as u64);
+            }
         }
         self.metrics.applied.inc_by(outcome.applied as u64);
         self.metrics.stale.inc_by(outcome.stale as u64);
@@ -278,6 +279,19 @@ impl Worker {
         );
         Ok(())
     }
+}
+
+/// Longest ingress lag counted; an entry claiming to be older (a producer clock or a writer
+/// around the library that sets `produced_at_us` to nonsense) is left out of the figures, so one
+/// entry cannot turn the p99 into years. A relayed row waits at most its retention (24 h by
+/// default) and a replay after a long outage stays well inside this.
+const MAX_LAG_US: i64 = 7 * 24 * 3600 * 1_000_000;
+
+/// The ingress lag of one entry, or `None` when its timestamp makes no sense. A timestamp in
+/// the future (producer clock ahead) counts as no lag.
+fn lag_sample_us(now_us: i64, produced_at_us: i64) -> Option<i64> {
+    let lag = now_us.saturating_sub(produced_at_us).max(0);
+    (lag <= MAX_LAG_US).then_some(lag)
 }
 
 fn now_us() -> i64 {
@@ -318,6 +332,16 @@ mod tests {
             content: Some(br#"{"a":1}"#.to_vec()),
             produced_at_us: 10,
         }
+    }
+
+    #[test]
+    fn nonsense_timestamps_stay_out_of_the_lag_figures() {
+        let now = 1_800_000_000_000_000;
+        assert_eq!(lag_sample_us(now, now - 5_000), Some(5_000));
+        assert_eq!(lag_sample_us(now, now + 60_000_000), Some(0));
+        assert_eq!(lag_sample_us(now, 0), None);
+        assert_eq!(lag_sample_us(now, i64::MIN), None);
+        assert_eq!(lag_sample_us(now, now - MAX_LAG_US), Some(MAX_LAG_US));
     }
 
     #[test]

@@ -397,10 +397,12 @@ impl Worker {
             }
             let now = Instant::now();
             if now >= next_reclaim {
-                next_reclaim = now + self.s.reclaim_interval;
                 if self.reclaim_pass(cancel).await == Err(Halt::Cancelled) {
                     break;
                 }
+                // Counted from the end of the pass: a pass longer than the interval must not be
+                // followed at once by the next one, or new entries would never be read.
+                next_reclaim = Instant::now() + self.s.reclaim_interval;
                 continue;
             }
             let block = next_reclaim
