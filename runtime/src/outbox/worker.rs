@@ -795,10 +795,19 @@ async fn sweep_loop(
     cancel: CancellationToken,
 ) {
     let table = quote_identifier(&settings.source.outbox_table);
+    // Bounded work however large the outbox grows (a Redis outage can leave millions of rows):
+    // counts stop at EXACT_UP_TO, the rest comes from index endpoints and the planner's estimate,
+    // and the retention check looks at the first relayed row only.
     let count_sql = format!(
-        "SELECT count(*) FILTER (WHERE published_at IS NULL),
-                count(*) FILTER (WHERE published_at IS NOT NULL)
-         FROM {table}"
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE published_at IS NULL
+                                       LIMIT {limit}) u),
+                (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE published_at IS NOT NULL
+                                       LIMIT {limit}) r),
+                (SELECT max(id) - min(id) + 1 FROM {table} WHERE published_at IS NULL),
+                (SELECT reltuples::bigint FROM pg_class WHERE oid = $2::regclass),
+                coalesce((SELECT published_at < clock_timestamp() - make_interval(secs => $1::float8)
+                          FROM {table} WHERE published_at IS NOT NULL ORDER BY id LIMIT 1), false)",
+        limit = EXACT_UP_TO + 1
     );
     let stranded_sql = replay_sql(
         &table,
@@ -851,30 +860,41 @@ async fn sweep_loop(
                     .await?
                     .rows_affected();
             }
-            let mut tx = pool.begin().await?;
+            let read_counts = || async {
+                let row: (i64, i64, Option<i64>, Option<i64>, bool) =
+                    sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
+                        .bind(retention.as_secs_f64())
+                        .bind(&table)
+                        .fetch_one(&pool)
+                        .await?;
+                Ok::<_, sqlx::Error>((backlog_figures(row.0, row.1, row.2, row.3), row.4))
+            };
+            let ((mut backlog, mut retained), first_expired) = read_counts().await?;
             let mut expired = 0;
-            let ours: bool =
-                sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-                    .bind(&lock_key)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if ours {
-                expired += sqlx::query(sqlx::AssertSqlSafe(expire_sql.as_str()))
-                    .bind(retention.as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                expired += sqlx::query(sqlx::AssertSqlSafe(trim_sql.as_str()))
-                    .bind(i64::try_from(cap).unwrap_or(i64::MAX))
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+            if first_expired || retained > i64::try_from(cap).unwrap_or(i64::MAX) {
+                let mut tx = pool.begin().await?;
+                let ours: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
+                        .bind(&lock_key)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if ours {
+                    expired += sqlx::query(sqlx::AssertSqlSafe(expire_sql.as_str()))
+                        .bind(retention.as_secs_f64())
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    expired += sqlx::query(sqlx::AssertSqlSafe(trim_sql.as_str()))
+                        .bind(i64::try_from(cap).unwrap_or(i64::MAX))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+                if expired > 0 {
+                    ((backlog, retained), _) = read_counts().await?;
+                }
             }
-            tx.commit().await?;
-            let (backlog, retained): (i64, i64) =
-                sqlx::query_as(sqlx::AssertSqlSafe(count_sql.as_str()))
-                    .fetch_one(&pool)
-                    .await?;
             Ok::<_, sqlx::Error>((backlog, retained, expired, stranded))
         };
         let result = tokio::select! {
@@ -932,6 +952,34 @@ async fn sweep_loop(
             _ = tokio::time::sleep(settings.backlog_interval) => {}
         }
     }
+}
+
+/// Outbox rows counted exactly by the sweep; beyond this the gauges are estimates.
+const EXACT_UP_TO: i64 = 100_000;
+
+/// (unpublished, retained) for the gauges from the sweep's bounded readings: exact counts up to
+/// [`EXACT_UP_TO`]; above it, unpublished rows are estimated by their id range (an upper bound:
+/// rolled-back ids count too) and retained rows by the planner's row estimate minus that.
+fn backlog_figures(
+    unpublished: i64,
+    retained: i64,
+    unpublished_id_range: Option<i64>,
+    reltuples: Option<i64>,
+) -> (i64, i64) {
+    let backlog = if unpublished > EXACT_UP_TO {
+        unpublished_id_range.unwrap_or(unpublished).max(unpublished)
+    } else {
+        unpublished
+    };
+    let retained = if retained > EXACT_UP_TO {
+        reltuples
+            .map(|all| all.saturating_sub(backlog))
+            .unwrap_or(retained)
+            .max(retained)
+    } else {
+        retained
+    };
+    (backlog, retained)
 }
 
 /// How long the retention cap stays reported after it last deleted unconfirmed rows.
@@ -1049,6 +1097,25 @@ mod tests {
         );
         assert_eq!(pipeline_chunks(&entries, 1 << 20), vec![0..6]);
         assert!(pipeline_chunks(&[], 1000).is_empty());
+    }
+
+    #[test]
+    fn backlog_figures_are_exact_when_small_and_estimated_when_large() {
+        assert_eq!(backlog_figures(10, 20, Some(15), Some(30)), (10, 20));
+        let over = EXACT_UP_TO + 1;
+        // Many unpublished rows: the id range (never below the bounded count).
+        assert_eq!(
+            backlog_figures(over, 5, Some(2_000_000), Some(0)),
+            (2_000_000, 5)
+        );
+        assert_eq!(backlog_figures(over, 5, Some(3), None), (over, 5));
+        // Many retained rows: the planner's estimate minus the backlog.
+        assert_eq!(
+            backlog_figures(7, over, Some(7), Some(900_007)),
+            (7, 900_000)
+        );
+        assert_eq!(backlog_figures(7, over, Some(7), None), (7, over));
+        assert_eq!(backlog_figures(7, over, Some(7), Some(-1)), (7, over));
     }
 
     #[test]
