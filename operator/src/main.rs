@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+    telemetry::init(args.log_format, false);
     // kube's rustls client needs a process-wide crypto provider; naming it here keeps the
     // client working even if another dependency later enables a second provider (rustls then
     // refuses to guess). Err only means one is already installed.

@@ -138,12 +138,13 @@ fn config_map_is_the_runtime_config_format() {
 #[test]
 fn sub_millisecond_durations_survive_the_config_map() {
     let mut wp = sample();
-    wp.spec.sources[0].poll_interval = "1500us".into();
+    // Sub-millisecond precision above the 10ms floor.
+    wp.spec.sources[0].poll_interval = "10500us".into();
     let r = rendered(&wp);
     let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
     let config = Config::from_yaml_str(text).expect("the runtime loads the rendered config");
     assert_eq!(config, r.config);
-    assert_eq!(config.sources[0].poll_interval, Duration::from_micros(1500));
+    assert_eq!(config.sources[0].poll_interval, Duration::from_micros(10_500));
 }
 
 #[test]

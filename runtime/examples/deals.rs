@@ -190,7 +190,7 @@ async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    widget_runtime::telemetry::init(widget_runtime::telemetry::LogFormat::Text);
+    widget_runtime::telemetry::init(widget_runtime::telemetry::LogFormat::Text, false);
     let url = std::env::var("DATABASE_URL")
         .map_err(|_| anyhow::anyhow!("set DATABASE_URL to the product database"))?;
     let listen: SocketAddr = std::env::var("DEALS_LISTEN")

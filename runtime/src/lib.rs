@@ -8,6 +8,7 @@ pub mod chunk;
 pub mod config;
 pub mod config_env;
 pub mod connect;
+pub mod dead_letters;
 pub mod dev;
 pub mod durability;
 pub mod event;

@@ -47,11 +47,51 @@ enum Command {
     CoreApi(CoreApiArgs),
     /// Run migrations, every outbox-worker, the ingester and the core API in one process.
     Dev(DevArgs),
+    /// List the pipeline's dead letters, or move them back into the stream once fixed.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersAction,
+    },
     /// Inspect or repair one widget (e.g. one pinned by a nonsense version).
     Widgets {
         #[command(subcommand)]
         action: WidgetsAction,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersAction {
+    /// Print the dead letters (oldest first): id, time, source, key, reason, deliveries, error.
+    List {
+        #[command(flatten)]
+        args: DeadLetterArgs,
+        /// One JSON document instead of a line per dead letter.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move matching dead letters back into the stream (after fixing their cause).
+    Replay {
+        #[command(flatten)]
+        args: DeadLetterArgs,
+        /// Only say what would be moved.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args)]
+struct DeadLetterArgs {
+    /// Pipeline config file (YAML); gives the stream names.
+    #[arg(long, env = "WIDGET_CONFIG")]
+    config: PathBuf,
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    redis_url: String,
+    /// Only this reason (`undecodable`, `foreign-namespace`, `max-deliveries`, ...).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only those dead-lettered within this long (`30m`, `2h`, `7d`).
+    #[arg(long, value_parser = widget_runtime::config::human_duration::parse)]
+    since: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand)]
@@ -191,7 +231,11 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let tool = matches!(
+        cli.command,
+        Command::Widgets { .. } | Command::DeadLetters { .. }
+    );
+    telemetry::init(cli.log_format, tool);
     match cli.command {
         Command::Migrate { target } => {
             let (url, migrator, what) = match target {
@@ -282,6 +326,71 @@ async fn main() -> anyhow::Result<()> {
                 cancel,
             )
             .await?;
+        }
+        Command::DeadLetters { action } => {
+            let (args, list_json, replay_dry) = match action {
+                DeadLettersAction::List { args, json } => (args, Some(json), None),
+                DeadLettersAction::Replay { args, dry_run } => (args, None, Some(dry_run)),
+            };
+            let config = load_config(&args.config)?;
+            let filter = widget_runtime::dead_letters::Filter {
+                reason: args.reason,
+                since_ms: args.since.map(|d| {
+                    widget_runtime::stats::unix_ms()
+                        .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                }),
+            };
+            let mut redis = connect::redis_client(&args.redis_url)
+                .context("invalid REDIS_URL")?
+                .get_multiplexed_async_connection()
+                .await
+                .context("cannot connect to Redis")?;
+            let dead_stream = config.dead_letter_stream();
+            if let Some(json) = list_json {
+                let letters =
+                    widget_runtime::dead_letters::list(&mut redis, &dead_stream, &filter).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&letters)?);
+                } else {
+                    for l in &letters {
+                        let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                        println!(
+                            "{}  {}  {}  {}  {}  deliveries={}  {}",
+                            l.id,
+                            l.dead_lettered_at_ms
+                                .and_then(|ms| u64::try_from(ms).ok())
+                                .map(|ms| humantime::format_rfc3339_millis(
+                                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+                                )
+                                .to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            or(&l.source),
+                            or(&l.widget_key),
+                            or(&l.reason),
+                            l.deliveries.map_or("-".into(), |d| d.to_string()),
+                            or(&l.error),
+                        );
+                    }
+                    eprintln!("{} dead letters in {dead_stream}", letters.len());
+                }
+            }
+            if let Some(dry_run) = replay_dry {
+                let report = widget_runtime::dead_letters::replay(
+                    &mut redis,
+                    &config.stream_name(),
+                    &dead_stream,
+                    &filter,
+                    dry_run,
+                )
+                .await?;
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                tracing::info!(
+                    replayed = report.replayed.len(),
+                    skipped = report.skipped.len(),
+                    dry_run,
+                    "dead letters replayed into the stream"
+                );
+            }
         }
         Command::Widgets { action } => {
             let (args, purge) = match action {

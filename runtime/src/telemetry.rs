@@ -9,15 +9,22 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber. `RUST_LOG` overrides the default `info` level. Tools whose
+/// standard output is their result (`widgets`, `dead-letters`) log to standard error.
+pub fn init(format: LogFormat, to_stderr: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true);
-    let result = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let result = match (format, to_stderr) {
+        (LogFormat::Json, false) => builder.json().flatten_event(true).try_init(),
+        (LogFormat::Json, true) => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
+        (LogFormat::Text, true) => builder.with_writer(std::io::stderr).try_init(),
     };
     // A second init (tests, `dev`) keeps the first subscriber.
     let _ = result;

@@ -1290,3 +1290,102 @@ async fn a_pinned_widget_is_shown_and_purged_by_hand() {
     assert_eq!(stored(&pool, "deals.pinned").await.map(|s| s.0), Some(5));
     ing.stop().await;
 }
+
+/// Dead letters can be listed and, once their cause is fixed, re-driven: `dead-letters list`
+/// shows each with its reason (and delivery count), `replay --dry-run` moves nothing, `replay
+/// --reason max-deliveries` moves exactly those back and the ingester applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_once_fixed() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let stream = stack.config.stream_name();
+    let pool = stack.pool(&stack.core_url).await;
+    sqlx::query("ALTER TABLE widgets ADD CONSTRAINT refuse_r CHECK (widget_key <> 'deals.r')")
+        .execute(&pool)
+        .await
+        .expect("constraint");
+    let ing = Running::start(&stack, "pod-d", 100);
+    xadd_raw(&mut conn, &stream, &[("garbage", "1")]).await;
+    xadd(
+        &mut conn,
+        &stream,
+        &event("deals", "loyalty.points:1", 1, Op::Upsert),
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &stream,
+        &event("deals", "deals.r", 7, Op::Upsert),
+    )
+    .await;
+    let dead_stream = stack.config.dead_letter_stream();
+    eventually(WAIT, || {
+        let mut c = conn.clone();
+        let dead_stream = dead_stream.clone();
+        async move { (read_stream(&mut c, &dead_stream).await.len() == 3).then_some(()) }
+    })
+    .await
+    .expect("three dead letters");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, stack.config.to_yaml()).expect("write config");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+            .arg("dead-letters")
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .env("REDIS_URL", stack.redis.url())
+            .output()
+            .expect("run widget-runtime dead-letters")
+    };
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let all = json(&run(&["list", "--json"]));
+    let mut reasons: Vec<&str> = all
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|l| l["reason"].as_str())
+        .collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons,
+        ["foreign-namespace", "max-deliveries", "undecodable"]
+    );
+    let text = run(&["list", "--since", "1h"]);
+    assert!(text.status.success());
+    assert_eq!(String::from_utf8_lossy(&text.stdout).lines().count(), 3);
+    let stuck = json(&run(&["list", "--json", "--reason", "max-deliveries"]));
+    assert_eq!(stuck[0]["widget_key"], "deals.r");
+    assert!(stuck[0]["deliveries"].as_u64().unwrap_or(0) > 3, "{stuck}");
+
+    let dry = json(&run(&["replay", "--reason", "max-deliveries", "--dry-run"]));
+    assert_eq!(dry["replayed"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        read_stream(&mut conn, &dead_stream).await.len(),
+        3,
+        "a dry run moves nothing"
+    );
+
+    // The cause fixed, the replay moves it back and it is applied.
+    sqlx::query("ALTER TABLE widgets DROP CONSTRAINT refuse_r")
+        .execute(&pool)
+        .await
+        .expect("drop constraint");
+    let done = json(&run(&["replay", "--reason", "max-deliveries"]));
+    assert_eq!(done["replayed"][0]["widget_key"], "deals.r");
+    assert_eq!(read_stream(&mut conn, &dead_stream).await.len(), 2);
+    let applied = eventually(WAIT, || async {
+        stored(&pool, "deals.r").await.filter(|s| s.0 == 7)
+    })
+    .await;
+    assert!(applied.is_some(), "the replayed entry is applied");
+    // A second replay finds nothing left to move.
+    let again = json(&run(&["replay", "--reason", "max-deliveries"]));
+    assert_eq!(again["replayed"].as_array().map(Vec::len), Some(0));
+    ing.stop().await;
+}

@@ -34,6 +34,19 @@ pub mod field {
     pub const DEAD_LETTERED_AT_MS: &str = "dead_lettered_at_ms";
     /// Present when the original entry had more than [`super::MAX_COPIED_FIELDS`] fields.
     pub const TRUNCATED_FIELDS: &str = "truncated_fields";
+    /// How often it had been delivered, when known (`max-deliveries`).
+    pub const DELIVERIES: &str = "deliveries";
+
+    /// Every field the dead-lettering adds; the rest are the original entry's.
+    pub const CONTEXT: [&str; 7] = [
+        REASON,
+        ERROR,
+        ORIGINAL_ID,
+        CONSUMER,
+        DEAD_LETTERED_AT_MS,
+        TRUNCATED_FIELDS,
+        DELIVERIES,
+    ];
 }
 
 /// Original fields copied into a dead letter. The script's XADD passes every field through
@@ -48,11 +61,14 @@ pub const MAX_DELIVERIES: &str = "max-deliveries";
 /// KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3..] confirmation sets. ARGV[1] group,
 /// ARGV[2] MAXLEN of the dead-letter stream, then per entry: id, index into KEYS of its
 /// confirmation set (0: none), confirmation member, field count n, then n field/value arguments.
-/// Returns per entry 1 if it was moved, 0 if it was no longer pending (nothing written).
+/// Returns per entry 1 if it was moved, 0 if it was no longer pending (nothing written), then
+/// how many older dead letters the MAXLEN cap trimmed.
 static MOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
+local before = redis.call('XLEN', KEYS[2])
+local added = 0
 local i = 3
 while i <= #ARGV do
   local id = ARGV[i]
@@ -65,6 +81,7 @@ while i <= #ARGV do
       args[#args + 1] = ARGV[i + 3 + j]
     end
     redis.call('XADD', unpack(args))
+    added = added + 1
   end
   if acked == 1 and confirm > 0 then
     redis.call('SADD', KEYS[confirm], ARGV[i + 2])
@@ -72,6 +89,7 @@ while i <= #ARGV do
   out[#out + 1] = acked
   i = i + 4 + n
 end
+out[#out + 1] = before + added - redis.call('XLEN', KEYS[2])
 return out
 "#,
     )
@@ -87,6 +105,8 @@ pub struct DeadLetter {
     pub fields: Vec<(String, Vec<u8>)>,
     /// The source and outbox row it names, when it names them (a worker relayed it).
     pub origin: Option<(String, durability::RowRef)>,
+    /// How often it had been delivered, when known.
+    pub deliveries: Option<u64>,
 }
 
 impl DeadLetter {
@@ -123,7 +143,13 @@ impl DeadLetter {
             error: error.into(),
             fields,
             origin,
+            deliveries: None,
         }
+    }
+
+    pub fn with_deliveries(mut self, times: u64) -> Self {
+        self.deliveries = Some(times);
+        self
     }
 
     /// The dead-letter entry's fields: the original ones, then the reason and context.
@@ -137,6 +163,9 @@ impl DeadLetter {
             field::DEAD_LETTERED_AT_MS.into(),
             now_ms.to_string().into_bytes(),
         ));
+        if let Some(times) = self.deliveries {
+            f.push((field::DELIVERIES.into(), times.to_string().into_bytes()));
+        }
         f
     }
 }
@@ -151,14 +180,23 @@ pub struct DeadLetterTarget<'a> {
     pub consumer: &'a str,
 }
 
-/// Moves entries in one atomic script call; returns per entry whether this call moved it.
+/// What one move did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Moved {
+    /// Per entry: whether this call moved it.
+    pub moved: Vec<bool>,
+    /// Older dead letters the `MAXLEN` cap trimmed to make room.
+    pub trimmed: u64,
+}
+
+/// Moves entries in one atomic script call.
 pub async fn move_entries<C: ConnectionLike>(
     conn: &mut C,
     target: &DeadLetterTarget<'_>,
     letters: &[DeadLetter],
-) -> redis::RedisResult<Vec<bool>> {
+) -> redis::RedisResult<Moved> {
     if letters.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Moved::default());
     }
     let now = unix_ms();
     let mut inv = MOVE.prepare_invoke();
@@ -192,7 +230,12 @@ pub async fn move_entries<C: ConnectionLike>(
         }
     }
     let moved: Vec<i64> = inv.invoke_async(conn).await?;
-    Ok(moved.into_iter().map(|m| m == 1).collect())
+    let mut moved = moved;
+    let trimmed = moved.pop().unwrap_or(0).max(0) as u64;
+    Ok(Moved {
+        moved: moved.into_iter().map(|m| m == 1).collect(),
+        trimmed,
+    })
 }
 
 #[cfg(test)]

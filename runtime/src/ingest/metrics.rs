@@ -30,6 +30,8 @@ pub struct IngestMetrics {
     pub group_recreated: Counter,
     /// New stream epochs this ingester started because Redis lost data or restarted.
     pub loss_detected: Counter,
+    /// Dead letters trimmed unread by the dead-letter stream's length cap.
+    pub dead_letters_trimmed: Counter,
     /// 1 when Redis' maxmemory-policy may evict the stream.
     pub eviction_unsafe: prometheus_client::metrics::gauge::Gauge,
     /// Failed attempts against a store, by store (`redis`, `database`).
@@ -52,6 +54,7 @@ impl IngestMetrics {
             reclaim_deleted: Counter::default(),
             group_recreated: Counter::default(),
             loss_detected: Counter::default(),
+            dead_letters_trimmed: Counter::default(),
             eviction_unsafe: Default::default(),
             consumers_removed: Counter::default(),
             errors: Family::default(),
@@ -95,6 +98,11 @@ impl IngestMetrics {
             "widget_ingest_reclaim_deleted",
             "Pending entries found already trimmed from the stream during reclaim",
             m.reclaim_deleted.clone(),
+        );
+        registry.register(
+            "widget_ingest_dead_letters_trimmed",
+            "Dead letters trimmed unread by the dead-letter stream's length cap (stream.maxLength)",
+            m.dead_letters_trimmed.clone(),
         );
         registry.register(
             "widget_ingest_redis_loss_detected",

@@ -513,7 +513,13 @@ impl Worker {
                 async move { dead_letter::move_entries(&mut conn, &target, letters).await }
             })
             .await?;
-        for (letter, moved) in letters.iter().zip(moved) {
+        if moved.trimmed > 0 {
+            self.metrics.dead_letters_trimmed.inc_by(moved.trimmed);
+            tracing::warn!(trimmed = moved.trimmed, dead_stream = %self.s.dead_stream,
+                max_len = self.s.dead_max_len,
+                "the dead-letter stream is full: its oldest entries were trimmed unread");
+        }
+        for (letter, moved) in letters.iter().zip(moved.moved) {
             if !moved {
                 continue; // already acknowledged elsewhere: someone else handled it
             }

@@ -227,14 +227,17 @@ impl Worker {
             match count {
                 // No longer pending: another consumer acknowledged it meanwhile.
                 None => {}
-                Some(times) if times > max => dead.push(DeadLetter::new(
-                    &entry,
-                    dead_letter::MAX_DELIVERIES,
-                    format!(
-                        "delivered {times} times, more than reclaim.maxDeliveries ({max}); \
+                Some(times) if times > max => dead.push(
+                    DeadLetter::new(
+                        &entry,
+                        dead_letter::MAX_DELIVERIES,
+                        format!(
+                            "delivered {times} times, more than reclaim.maxDeliveries ({max}); \
                          processing kept failing"
-                    ),
-                )),
+                        ),
+                    )
+                    .with_deliveries(times),
+                ),
                 Some(_) => again.push(entry),
             }
         }
