@@ -144,7 +144,10 @@ fn sub_millisecond_durations_survive_the_config_map() {
     let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
     let config = Config::from_yaml_str(text).expect("the runtime loads the rendered config");
     assert_eq!(config, r.config);
-    assert_eq!(config.sources[0].poll_interval, Duration::from_micros(10_500));
+    assert_eq!(
+        config.sources[0].poll_interval,
+        Duration::from_micros(10_500)
+    );
 }
 
 #[test]

@@ -61,7 +61,7 @@ fn text(entry: &Entry, name: &str) -> Option<String> {
 }
 
 /// At most [`MAX_ECHOED`] bytes of `s`, cut at a character boundary.
-fn echo(s: &str) -> String {
+pub fn echo(s: &str) -> String {
     if s.len() <= MAX_ECHOED {
         return s.to_string();
     }

@@ -232,6 +232,11 @@ async fn redis_outage_grows_the_backlog_and_loses_nothing() {
             .await
             .is_some()
     );
+    let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox_dead")
+        .fetch_one(&pool)
+        .await
+        .expect("dead table");
+    assert_eq!(moved, 0, "Redis being down moves nothing aside");
     worker.stop().await;
 }
 
@@ -785,5 +790,57 @@ async fn a_batch_larger_than_one_pipeline_arrives_whole_and_in_order() {
         Some(()),
         "all rows relayed"
     );
+    worker.stop().await;
+}
+
+/// A row Redis refuses (here larger than its `proto-max-bulk-len`, as managed services set it)
+/// is moved aside to `widget_outbox_dead` with its reason after a few refusals, counted, and the
+/// rows behind it are relayed. Redis being down is not a refusal (see the outage test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_redis_refuses_is_moved_aside_and_the_rest_is_relayed() {
+    let stack = Stack::start().await;
+    let pool = stack.pool(&stack.product_url).await;
+    let mut conn = stack.redis_conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("proto-max-bulk-len")
+        .arg("1mb")
+        .query_async(&mut conn)
+        .await
+        .expect("config set");
+    // Written around the library (it would refuse content over 64 KiB).
+    sqlx::query(
+        "INSERT INTO widget_outbox (widget_key, widget_type, data_version, op, content)
+         VALUES ('deals.huge', 'card', 1, 'upsert', jsonb_build_object('blob', repeat('x', 1200000)))",
+    )
+    .execute(&pool)
+    .await
+    .expect("huge row");
+    let behind: Vec<WidgetEvent> = (1..=20).map(deal).collect();
+    enqueue(&pool, &behind).await;
+    let worker = spawn_worker(&stack, "deals");
+    let started = std::time::Instant::now();
+    let entries = wait_for_distinct(&stack, &stack.config.stream_name(), 20).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the rows behind it are relayed within seconds ({:?})",
+        started.elapsed()
+    );
+    assert!(
+        outbox_ids(&entries).len() >= 20,
+        "all 20 rows behind the huge one are in the stream"
+    );
+    let moved = eventually(WAIT, || async {
+        sqlx::query_as::<_, (String, String)>("SELECT widget_key, reason FROM widget_outbox_dead")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .expect("the refused row is moved aside");
+    assert_eq!(moved.0, "deals.huge");
+    assert!(moved.1.contains("Redis refused"), "{}", moved.1);
+    assert_eq!(outbox_rows(&pool).await, 0, "nothing is left unpublished");
     worker.stop().await;
 }

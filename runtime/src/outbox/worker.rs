@@ -104,6 +104,7 @@ struct WorkerMetrics {
     retention_expired: Counter,
     retention_capped: Gauge,
     eviction_unsafe: Gauge,
+    moved_aside: Counter,
 }
 
 impl WorkerMetrics {
@@ -121,12 +122,18 @@ impl WorkerMetrics {
             retention_expired: Counter::default(),
             retention_capped: Gauge::default(),
             eviction_unsafe: Gauge::default(),
+            moved_aside: Counter::default(),
         };
         let r = registry.sub_registry_with_label(("source".into(), source.to_string().into()));
         r.register(
             "widget_outbox_redis_eviction_unsafe",
             "1 when Redis' maxmemory-policy may evict the stream (allkeys-*)",
             m.eviction_unsafe.clone(),
+        );
+        r.register(
+            "widget_outbox_moved_aside",
+            "Rows Redis kept refusing (too large, ...), moved to <outboxTable>_dead with the reason",
+            m.moved_aside.clone(),
         );
         r.register(
             "widget_outbox_retained",
@@ -215,6 +222,11 @@ pub struct OutboxWorker {
     wake: Arc<Notify>,
     /// The epoch the rows this worker relays are stamped with; `None` until checked.
     epoch: std::sync::Mutex<Option<String>>,
+    /// How often Redis refused a row while answering everything else (by outbox id).
+    refusals: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
+    dead_table: String,
+    create_dead_sql: String,
+    move_dead_sql: String,
     claim_sql: String,
     publish_sql: String,
     replay_sql: String,
@@ -249,6 +261,18 @@ impl OutboxWorker {
              WHERE id = ANY($1::bigint[])"
         );
         let replay_sql = replay_sql(&table, "published_at IS NOT NULL");
+        // Rows Redis refuses go aside to `<table>_dead` (created by `migrate product` for the
+        // default table, here for any other), with the reason and the time.
+        let dead_table = format!("{}_dead", settings.source.outbox_table);
+        let dead = quote_identifier(&dead_table);
+        let create_dead_sql = format!(
+            "CREATE TABLE IF NOT EXISTS {dead} (LIKE {table}, reason text NOT NULL,
+                 moved_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        );
+        let move_dead_sql = format!(
+            "WITH gone AS (DELETE FROM {table} WHERE id = $1 RETURNING *)
+             INSERT INTO {dead} SELECT gone.*, $2 FROM gone"
+        );
         readiness.fail("redis", "not connected yet");
         readiness.fail("database", "not connected yet");
         Self {
@@ -260,6 +284,10 @@ impl OutboxWorker {
             stats: Arc::new(Stats::new()),
             wake: Arc::new(Notify::new()),
             epoch: std::sync::Mutex::new(None),
+            refusals: std::sync::Mutex::new(std::collections::HashMap::new()),
+            create_dead_sql,
+            move_dead_sql,
+            dead_table,
             claim_sql,
             publish_sql,
             replay_sql,
@@ -469,42 +497,120 @@ impl OutboxWorker {
             rows.iter().map(|row| self.entry_fields(row)).collect();
         // One pipeline per few MiB: a whole batch of large widgets in one pipeline could take
         // longer than the connection's response timeout, fail every time, and never progress.
-        let mut sent = 0;
+        let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
+        let mut refused: Vec<(usize, String)> = Vec::new();
         let mut failure = None;
-        for chunk in pipeline_chunks(&entries, MAX_PIPELINE_BYTES) {
+        'chunks: for chunk in pipeline_chunks(&entries, MAX_PIPELINE_BYTES) {
             let mut pipe = redis::pipe();
             for fields in &entries[chunk.clone()] {
                 pipe.xadd(&self.settings.stream, "*", fields).ignore();
             }
-            if let Err(e) = pipe.query_async::<()>(redis).await {
-                failure = Some(e);
+            let Err(e) = pipe.query_async::<()>(redis).await else {
+                ids.extend(rows[chunk].iter().map(|r| r.id));
+                continue;
+            };
+            if !redis_answers(redis).await {
+                failure = Some(e); // Redis is down: this chunk and the rest wait
                 break;
             }
-            sent = chunk.end;
+            // Redis answers but refused something here: one entry at a time, to find it and
+            // relay the others.
+            for i in chunk {
+                let one = redis::cmd("XADD")
+                    .arg(&self.settings.stream)
+                    .arg("*")
+                    .arg(&entries[i])
+                    .query_async::<String>(&mut *redis)
+                    .await;
+                match one {
+                    Ok(_) => ids.push(rows[i].id),
+                    Err(e) if redis_answers(redis).await => refused.push((i, e.to_string())),
+                    Err(e) => {
+                        failure = Some(e);
+                        break 'chunks;
+                    }
+                }
+            }
         }
         if let Some(e) = &failure {
             self.readiness.fail("redis", e.to_string());
         }
-        if sent == 0
+        if ids.is_empty()
+            && refused.is_empty()
             && let Some(e) = failure
         {
             // Dropping the transaction rolls the claim back: the rows wait for the next attempt.
             return Err(e.into());
         }
-        // Rows of the pipelines that went through are published (kept until confirmed); the
-        // rest stay unpublished and come first in the next claim, so the order is kept.
-        let ids: Vec<i64> = rows[..sent].iter().map(|r| r.id).collect();
+        // Rows that went through are published (kept until confirmed); the rest stay
+        // unpublished and come first in the next claim.
         sqlx::query(sqlx::AssertSqlSafe(self.publish_sql.as_str()))
             .bind(&ids)
             .bind(&epoch.id)
             .execute(&mut *tx)
             .await?;
+        let moved = self.refused(&mut tx, &rows, &refused).await?;
         tx.commit().await?;
+        self.confirm_moved(&moved);
+        let sent = ids.len();
         self.metrics.published.inc_by(sent as u64);
         self.stats.add(stats::field::PUBLISHED, sent as u64);
         match failure {
             Some(e) => Err(e.into()),
-            None => Ok(Relayed::Published(sent)),
+            None => Ok(Relayed::Published(sent + refused.len())),
+        }
+    }
+
+    /// Counts each refusal of a row; a row Redis refused [`REFUSALS_BEFORE_MOVE`] times while
+    /// it answered everything else is moved to `<table>_dead` with the reason, in the relay's
+    /// transaction, so it no longer blocks its source. Returns (id, reason) of the moved rows.
+    async fn refused(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        rows: &[OutboxRow],
+        refused: &[(usize, String)],
+    ) -> Result<Vec<(i64, String)>, WorkerError> {
+        let mut moved = Vec::new();
+        for (i, error) in refused {
+            let row = &rows[*i];
+            let times = match self.refusals.lock() {
+                Ok(mut counts) => {
+                    let n = counts.entry(row.id).or_insert(0);
+                    *n += 1;
+                    *n
+                }
+                Err(_) => REFUSALS_BEFORE_MOVE,
+            };
+            if times < REFUSALS_BEFORE_MOVE {
+                continue;
+            }
+            let reason = format!(
+                "Redis refused the entry {times} times while answering other commands: {}",
+                crate::dead_letters::echo(error)
+            );
+            sqlx::query(sqlx::AssertSqlSafe(self.create_dead_sql.as_str()))
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(self.move_dead_sql.as_str()))
+                .bind(row.id)
+                .bind(&reason)
+                .execute(&mut **tx)
+                .await?;
+            moved.push((row.id, reason));
+        }
+        Ok(moved)
+    }
+
+    /// After the commit: count and log the rows moved aside, forget their refusals.
+    fn confirm_moved(&self, moved: &[(i64, String)]) {
+        for (id, reason) in moved {
+            if let Ok(mut counts) = self.refusals.lock() {
+                counts.remove(id);
+            }
+            self.metrics.moved_aside.inc();
+            tracing::error!(source = %self.settings.source.name, id, reason = %reason,
+                table = %self.dead_table,
+                "outbox row moved aside: Redis keeps refusing it; the rows behind it are relayed");
         }
     }
 
@@ -708,6 +814,24 @@ fn pending_min_id(reply: &redis::Value) -> Option<String> {
         redis::Value::Array(items) => items.get(1).and_then(as_string),
         _ => None,
     }
+}
+
+/// Refusals of one row (Redis answering everything else) before it is moved aside.
+const REFUSALS_BEFORE_MOVE: u32 = 3;
+
+/// Whether Redis answers at all (a PING, once more after a reconnect): tells "this entry is
+/// refused" from "Redis is down".
+async fn redis_answers(redis: &mut ConnectionManager) -> bool {
+    for _ in 0..2 {
+        if redis::cmd("PING")
+            .query_async::<String>(&mut *redis)
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// An outbox table created before retention (or copied without its migrations).
