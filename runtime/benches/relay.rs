@@ -135,11 +135,25 @@ async fn relay(config: &Config, redis: &RedisServer, pool: &PgPool, workers: usi
 
 /// Retained rows deleted once the ingester's confirmations (added here at once) come in.
 async fn confirm(config: &Config, redis: &RedisServer, pool: &PgPool) -> Duration {
-    let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT id, data_version FROM widget_outbox")
-        .fetch_all(pool)
-        .await
-        .expect("ids");
-    let members: Vec<String> = rows.iter().map(|(id, v)| format!("{id}:{v}")).collect();
+    // What the ingester confirms: `durability::RowRef` of each row.
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, data_version, (extract(epoch FROM created_at) * 1000000)::bigint
+         FROM widget_outbox",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("ids");
+    let members: Vec<String> = rows
+        .iter()
+        .map(|&(id, version, produced_at_us)| {
+            widget_runtime::durability::RowRef {
+                id,
+                version,
+                produced_at_us,
+            }
+            .member()
+        })
+        .collect();
     let mut conn = redis.connection().await.expect("redis");
     for chunk in members.chunks(BATCH) {
         let () = redis::cmd("SADD")

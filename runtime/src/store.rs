@@ -146,26 +146,28 @@ pub fn compact_jsonb_text(text: String) -> String {
     if !text.contains(": ") && !text.contains(", ") {
         return text;
     }
-    let mut out = String::with_capacity(text.len());
+    // Byte by byte: only ASCII whitespace outside strings is dropped, so the rest stays valid
+    // UTF-8 (a multi-byte character never contains an ASCII byte).
+    let mut out = Vec::with_capacity(text.len());
     let (mut in_string, mut escaped) = (false, false);
-    for c in text.chars() {
+    for &b in text.as_bytes() {
         if in_string {
-            out.push(c);
+            out.push(b);
             if escaped {
                 escaped = false;
-            } else if c == '\\' {
+            } else if b == b'\\' {
                 escaped = true;
-            } else if c == '"' {
+            } else if b == b'"' {
                 in_string = false;
             }
-        } else if c == '"' {
+        } else if b == b'"' {
             in_string = true;
-            out.push(c);
-        } else if !c.is_ascii_whitespace() {
-            out.push(c);
+            out.push(b);
+        } else if !b.is_ascii_whitespace() {
+            out.push(b);
         }
     }
-    out
+    String::from_utf8(out).unwrap_or(text)
 }
 
 /// A stored widget as the API needs it.
