@@ -16,9 +16,6 @@ use crate::ingest::consumer::{Entry, parse_entries};
 use crate::ingest::dead_letter::field;
 use crate::stream;
 
-/// Longest value echoed in a listing; the entry itself keeps everything.
-pub const MAX_ECHOED: usize = 256;
-
 /// Which dead letters to list or replay.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -60,16 +57,9 @@ fn text(entry: &Entry, name: &str) -> Option<String> {
         .map(|(_, v)| echo(&String::from_utf8_lossy(&v)))
 }
 
-/// At most [`MAX_ECHOED`] bytes of `s`, cut at a character boundary.
+/// Values in a listing are clipped like every other echo of an entry's fields.
 pub fn echo(s: &str) -> String {
-    if s.len() <= MAX_ECHOED {
-        return s.to_string();
-    }
-    let mut end = MAX_ECHOED;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}... ({} bytes)", &s[..end], s.len())
+    stream::clip(s)
 }
 
 fn info(entry: &Entry) -> DeadLetterInfo {
@@ -210,7 +200,7 @@ mod tests {
         let long = "é".repeat(200);
         let e = echo(&long);
         assert!(e.starts_with("éé") && e.ends_with("(400 bytes)"), "{e}");
-        assert!(e.len() < MAX_ECHOED + 20);
+        assert!(e.len() < stream::MAX_ECHOED + 20);
     }
 
     #[test]

@@ -13,6 +13,40 @@ use crate::event::{self, EventError, Op};
 
 pub const ENVELOPE_VERSION: &str = "1";
 
+/// Largest entry (field names and values) the ingester decodes. A real entry is at most the
+/// 64 KiB content limit plus about a hundred bytes; anything far larger is dead-lettered by its
+/// length, with its values clipped, before it is copied any further.
+pub const MAX_ENTRY_BYTES: usize = 256 * 1024;
+
+/// Longest value echoed into an error message, a log line or a clipped dead letter.
+pub const MAX_ECHOED: usize = 256;
+
+/// At most [`MAX_ECHOED`] bytes of `s`, cut at a character boundary, with the full length.
+pub fn clip(s: &str) -> String {
+    if s.len() <= MAX_ECHOED {
+        return s.to_string();
+    }
+    let mut end = MAX_ECHOED;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len())
+}
+
+/// The bytes an entry's field names and values take.
+pub fn entry_size(map: &HashMap<String, Value>) -> usize {
+    map.iter()
+        .map(|(k, v)| {
+            k.len()
+                + match v {
+                    Value::BulkString(b) => b.len(),
+                    Value::SimpleString(s) => s.len(),
+                    _ => 16,
+                }
+        })
+        .sum()
+}
+
 pub mod field {
     pub const VERSION: &str = "v";
     pub const EVENT_ID: &str = "event_id";
@@ -101,7 +135,7 @@ impl StreamEvent {
         let op_text = text(map, field::OP)?;
         let op = Op::parse(&op_text).ok_or_else(|| DecodeError::Bad {
             field: field::OP,
-            message: format!("`{op_text}` is neither upsert nor delete"),
+            message: format!("`{}` is neither upsert nor delete", clip(&op_text)),
         })?;
         let content = match map.get(field::CONTENT) {
             None | Some(Value::Nil) => None,
@@ -162,7 +196,7 @@ fn number(map: &HashMap<String, Value>, name: &'static str) -> Result<i64, Decod
     let t = text(map, name)?;
     t.parse().map_err(|_| DecodeError::Bad {
         field: name,
-        message: format!("`{t}` is not an integer"),
+        message: format!("`{}` is not an integer", clip(&t)),
     })
 }
 

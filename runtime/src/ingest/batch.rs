@@ -181,6 +181,11 @@ impl Worker {
             .observe((entries.len() + dead.len()) as f64);
         let mut valid: Vec<Valid> = Vec::with_capacity(entries.len());
         for entry in &entries {
+            let size = crate::stream::entry_size(&entry.fields);
+            if size > crate::stream::MAX_ENTRY_BYTES {
+                dead.push(DeadLetter::oversized(entry, size));
+                continue;
+            }
             match decode(entry) {
                 Ok(v) => valid.push(v),
                 Err((reason, error)) => dead.push(DeadLetter::new(entry, reason, error)),

@@ -55,6 +55,9 @@ pub mod field {
 /// every replica that reclaims it. Real entries have about a dozen fields.
 pub const MAX_COPIED_FIELDS: usize = 64;
 
+/// Reason for entries larger than [`stream::MAX_ENTRY_BYTES`].
+pub const ENTRY_TOO_LARGE: &str = "entry-too-large";
+
 /// Reason for entries delivered more than `reclaim.maxDeliveries` times.
 pub const MAX_DELIVERIES: &str = "max-deliveries";
 
@@ -143,6 +146,42 @@ impl DeadLetter {
             error: error.into(),
             fields,
             origin,
+            deliveries: None,
+        }
+    }
+
+    /// A dead letter for an entry too large to handle: every value clipped to
+    /// [`stream::MAX_ECHOED`] bytes (the full size is in the error), so the entry is not copied
+    /// again. It cannot be replayed; its outbox row, if any, stays for a replay or the cap.
+    pub fn oversized(entry: &Entry, size: usize) -> Self {
+        let mut fields: Vec<(String, Vec<u8>)> = entry
+            .fields
+            .iter()
+            .take(MAX_COPIED_FIELDS)
+            .map(|(k, v)| {
+                let bytes: &[u8] = match v {
+                    redis::Value::BulkString(b) => b,
+                    redis::Value::SimpleString(s) => s.as_bytes(),
+                    _ => b"",
+                };
+                let cut = &bytes[..bytes.len().min(stream::MAX_ECHOED)];
+                (stream::clip(k), cut.to_vec())
+            })
+            .collect();
+        fields.sort();
+        fields.push((
+            field::TRUNCATED_FIELDS.into(),
+            format!("every value clipped to {} bytes", stream::MAX_ECHOED).into_bytes(),
+        ));
+        Self {
+            id: entry.id.clone(),
+            reason: ENTRY_TOO_LARGE,
+            error: format!(
+                "the entry is {size} bytes, more than the {} an entry may take",
+                stream::MAX_ENTRY_BYTES
+            ),
+            fields,
+            origin: None,
             deliveries: None,
         }
     }

@@ -221,7 +221,9 @@ impl Ingester {
             blocking: None,
             group_ready: false,
             epoch: None,
+            page_count: DEFAULT_BATCH_SIZE,
         };
+        worker.page_count = worker.s.batch_size;
         worker.drive(&cancel).await;
         let consumer = worker.consumer.clone();
         drop(worker);
@@ -379,6 +381,9 @@ struct Worker {
     group_ready: bool,
     /// The stream epoch seen last.
     epoch: Option<String>,
+    /// Entries asked for per read or claim page: halved while pages time out (a few huge
+    /// entries), so the entry at fault is isolated and the rest flow; grows back after.
+    page_count: usize,
 }
 
 impl Worker {
@@ -482,12 +487,29 @@ impl Worker {
             &self.s.stream,
             &self.s.group,
             &self.consumer,
-            self.s.batch_size,
+            self.page_count,
             block,
         )
-        .await?;
+        .await;
+        self.adapt_page(&entries);
+        let entries = entries?;
         self.links.redis_ok();
         Ok(entries)
+    }
+
+    /// Halves the page size after a timed-out read or claim, doubles it back after a success.
+    fn adapt_page<T>(&mut self, outcome: &redis::RedisResult<T>) {
+        match outcome {
+            Ok(_) => self.page_count = (self.page_count * 2).min(self.s.batch_size),
+            Err(e) if e.is_timeout() => {
+                self.page_count = (self.page_count / 2).max(1);
+                tracing::warn!(
+                    count = self.page_count,
+                    "a read or claim page timed out (very large entries?); asking for fewer"
+                );
+            }
+            Err(_) => {}
+        }
     }
 
     /// Moves entries to the dead-letter stream and counts those this call moved.

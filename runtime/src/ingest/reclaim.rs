@@ -138,10 +138,11 @@ impl Worker {
                     &self.consumer,
                     min_idle_ms,
                     &cursor,
-                    self.s.batch_size,
+                    self.page_count,
                 )
                 .await
             };
+            self.adapt_page(&page);
             let page = match page {
                 Ok(p) => p,
                 Err(e) if consumer::is_nogroup(&e) => {
@@ -227,6 +228,13 @@ impl Worker {
             match count {
                 // No longer pending: another consumer acknowledged it meanwhile.
                 None => {}
+                Some(_)
+                    if crate::stream::entry_size(&entry.fields)
+                        > crate::stream::MAX_ENTRY_BYTES =>
+                {
+                    let size = crate::stream::entry_size(&entry.fields);
+                    dead.push(DeadLetter::oversized(&entry, size));
+                }
                 Some(times) if times > max => dead.push(
                     DeadLetter::new(
                         &entry,
