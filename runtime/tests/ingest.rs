@@ -1473,3 +1473,114 @@ async fn huge_entries_are_dead_lettered_by_length_and_the_rest_flows() {
     }
     ing.stop().await;
 }
+
+/// Infrastructure trouble must not dead-letter good events: with `minIdle: 2s` and
+/// `maxDeliveries: 3`, and two replicas, the core database stopped for 15 s, then read-only (a
+/// standby after a failover: SQLSTATE 25006), then Redis refusing writes (OOM) during the cache
+/// step after the commit. Events keep arriving; none is dead-lettered and all are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outages_dead_letter_nothing() {
+    let mut stack = Stack::with_config(
+        "pipeline: test\nreclaim: {minIdle: 2s, interval: 500ms, maxDeliveries: 3}\nsources: [{name: deals}]\n",
+    )
+    .await;
+    let mut conn = stack.redis_conn().await;
+    let stream = stack.config.stream_name();
+    let a = Running::start(&stack, "pod-a", 50);
+    let b = Running::start(&stack, "pod-b", 50);
+    let mut version = 0;
+    let mut send = |conn: &mut MultiplexedConnection| {
+        version += 1;
+        let v = version;
+        let stream = stream.clone();
+        let mut conn = conn.clone();
+        async move {
+            for k in 0..10 {
+                xadd(
+                    &mut conn,
+                    &stream,
+                    &event("deals", &format!("deals.k{k}"), v, Op::Upsert),
+                )
+                .await;
+            }
+        }
+    };
+    let flow = |secs: u64| Duration::from_secs(secs);
+    // 1. The core database stopped for 15 s while events flow.
+    send(&mut conn).await;
+    stack.pg.stop().await;
+    let t = Instant::now();
+    while t.elapsed() < flow(15) {
+        send(&mut conn).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stack.pg.start_again().await.expect("postgres back");
+    // 2. Read-only, as a promoted standby's old primary or a standby the URL now points at.
+    let admin = stack.pool(&stack.pg.url("postgres")).await;
+    let core_db = stack
+        .core_url
+        .rsplit('/')
+        .next()
+        .expect("db name")
+        .to_string();
+    let set_read_only = |on: bool| {
+        let (admin, core_db) = (admin.clone(), core_db.clone());
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE \"{core_db}\" SET default_transaction_read_only = {on}"
+            )))
+            .execute(&admin)
+            .await
+            .expect("alter database");
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            )
+            .bind(&core_db)
+            .execute(&admin)
+            .await
+            .expect("terminate sessions");
+        }
+    };
+    set_read_only(true).await;
+    let t = Instant::now();
+    while t.elapsed() < flow(6) {
+        send(&mut conn).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    set_read_only(false).await;
+    // 3. Redis refuses writes (out of memory) while the ingesters cache what they committed.
+    send(&mut conn).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("maxmemory");
+    tokio::time::sleep(flow(6)).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("maxmemory off");
+    send(&mut conn).await;
+
+    wait_drained(&mut conn, &stack.config).await;
+    let pool = stack.pool(&stack.core_url).await;
+    let last = version;
+    let done = eventually(WAIT, || async {
+        let mut all = true;
+        for k in 0..10 {
+            all &= stored(&pool, &format!("deals.k{k}")).await.map(|s| s.0) == Some(last);
+        }
+        all.then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "every key holds the last version {last}");
+    let dead = read_stream(&mut conn, &stack.config.dead_letter_stream()).await;
+    assert!(dead.is_empty(), "nothing is dead-lettered: {dead:?}");
+    a.stop().await;
+    b.stop().await;
+}
