@@ -54,12 +54,7 @@ fn text(entry: &Entry, name: &str) -> Option<String> {
     let raw = stream::raw_fields(&entry.fields);
     raw.into_iter()
         .find(|(k, _)| k == name)
-        .map(|(_, v)| echo(&String::from_utf8_lossy(&v)))
-}
-
-/// Values in a listing are clipped like every other echo of an entry's fields.
-pub fn echo(s: &str) -> String {
-    stream::clip(s)
+        .map(|(_, v)| stream::clip(&String::from_utf8_lossy(&v)))
 }
 
 fn info(entry: &Entry) -> DeadLetterInfo {
@@ -193,15 +188,6 @@ pub async fn replay<C: ConnectionLike>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn echoed_values_are_capped_at_a_character_boundary() {
-        assert_eq!(echo("short"), "short");
-        let long = "é".repeat(200);
-        let e = echo(&long);
-        assert!(e.starts_with("éé") && e.ends_with("(400 bytes)"), "{e}");
-        assert!(e.len() < stream::MAX_ECHOED + 20);
-    }
 
     #[test]
     fn filters_by_reason_and_start_time() {

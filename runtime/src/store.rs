@@ -170,6 +170,23 @@ pub fn compact_jsonb_text(text: String) -> String {
     String::from_utf8(out).unwrap_or(text)
 }
 
+/// The stored version of each key that has a row (tombstones included).
+pub async fn fetch_versions(
+    pool: &PgPool,
+    keys: &[&str],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT widget_key, data_version FROM widgets WHERE widget_key = ANY($1::text[])",
+    )
+    .bind(keys)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// A stored widget as the API needs it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct StoredWidget {

@@ -243,6 +243,14 @@ mod tests {
     }
 
     #[test]
+    fn echoed_values_are_clipped_at_a_character_boundary() {
+        assert_eq!(clip("short"), "short");
+        let e = clip(&"é".repeat(200));
+        assert!(e.starts_with("éé") && e.ends_with("(400 bytes)"), "{e}");
+        assert!(e.len() < MAX_ECHOED + 20);
+    }
+
+    #[test]
     fn encode_decode_round_trip() {
         let ev = sample();
         assert_eq!(StreamEvent::decode(&as_map(&ev)), Ok(ev.clone()));

@@ -522,31 +522,45 @@ async fn etag_round_trip_and_change_on_a_new_version() {
     api.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn end_to_end_in_one_process_product_write_reaches_the_api() {
-    let stack = Stack::with_config(CONFIG).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let cancel = CancellationToken::new();
-    // One product database for both sources (each with its own outbox table), as `dev` allows.
-    let stores = dev::DevStores {
-        redis_url: stack.redis.url(),
-        core_database_url: stack.core_url.clone(),
-        source_database_url: stack.product_url.clone(),
-    };
+/// The whole pipeline in one process (`dev::run`), both sources on one product database, each
+/// with its own outbox table, as `dev` allows. Returns the product pool, the API address, the
+/// cancel token and the task.
+async fn start_dev(
+    stack: &Stack,
+) -> (
+    sqlx::PgPool,
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let product = stack.pool(&stack.product_url).await;
     sqlx::query("CREATE TABLE loyalty_outbox (LIKE widget_outbox INCLUDING ALL)")
         .execute(&product)
         .await
         .expect("loyalty outbox");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cancel = CancellationToken::new();
+    let stores = dev::DevStores {
+        redis_url: stack.redis.url(),
+        core_database_url: stack.core_url.clone(),
+        source_database_url: stack.product_url.clone(),
+    };
     let running = tokio::spawn(dev::run(
         stack.config.clone(),
         stores,
         listener,
         cancel.clone(),
     ));
+    (product, addr, cancel, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_in_one_process_product_write_reaches_the_api() {
+    let stack = Stack::with_config(CONFIG).await;
+    let (product, addr, cancel, running) = start_dev(&stack).await;
 
     let publish = |version: i64, title: &'static str| {
         let product = product.clone();
@@ -609,27 +623,7 @@ async fn end_to_end_in_one_process_product_write_reaches_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_content_limit_a_producer_is_told_holds_end_to_end() {
     let stack = Stack::with_config(CONFIG).await;
-    let product = stack.pool(&stack.product_url).await;
-    sqlx::query("CREATE TABLE loyalty_outbox (LIKE widget_outbox INCLUDING ALL)")
-        .execute(&product)
-        .await
-        .expect("loyalty outbox");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let cancel = CancellationToken::new();
-    let stores = dev::DevStores {
-        redis_url: stack.redis.url(),
-        core_database_url: stack.core_url.clone(),
-        source_database_url: stack.product_url.clone(),
-    };
-    let running = tokio::spawn(dev::run(
-        stack.config.clone(),
-        stores,
-        listener,
-        cancel.clone(),
-    ));
+    let (product, addr, cancel, running) = start_dev(&stack).await;
 
     let items: Vec<Value> = (0..4200).map(|i| json!({"a": i % 10, "b": 7})).collect();
     let content = json!({"items": items});

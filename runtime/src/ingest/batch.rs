@@ -10,7 +10,7 @@
 //! after a crash between the database commit and the cache write; without it, that cache write
 //! would be lost for good. A row whose stored version is newer is never cached from the event.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Instant;
 
 use sqlx::PgPool;
@@ -146,11 +146,8 @@ pub(super) async fn apply(pool: &PgPool, changes: &[Change]) -> Result<DbOutcome
             .collect();
         keys.sort_unstable();
         keys.dedup();
-        let stored = store::fetch_many(pool, &keys).await?;
-        let current: HashMap<&str, i64> = stored
-            .iter()
-            .map(|w| (w.widget_key.as_str(), w.data_version))
-            .collect();
+        // Versions only: the content of a losing row is never needed here.
+        let current = store::fetch_versions(pool, &keys).await?;
         for i in losers {
             let c = &changes[i];
             let kv = (c.widget_key.as_str(), c.data_version);

@@ -25,29 +25,6 @@ pub fn is_nogroup(e: &redis::RedisError) -> bool {
     e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
 
-/// Creates the consumer group at `0` (with MKSTREAM), so entries the outbox-worker added before
-/// the group existed are read too. An existing group (BUSYGROUP) is fine.
-/// Returns true if the group was created now.
-pub async fn ensure_group<C: ConnectionLike>(
-    conn: &mut C,
-    stream: &str,
-    group: &str,
-) -> redis::RedisResult<bool> {
-    let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(stream)
-        .arg(group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(conn)
-        .await;
-    match created {
-        Ok(_) => Ok(true),
-        Err(e) if e.code() == Some("BUSYGROUP") || e.to_string().contains("BUSYGROUP") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// `XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s >`: new entries for this consumer, or none
 /// when the block time passes.
 pub async fn read_new<C: ConnectionLike>(

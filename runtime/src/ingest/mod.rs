@@ -204,6 +204,7 @@ impl Ingester {
             crate::durability::SETTINGS_INTERVAL,
             cancel.clone(),
         ));
+        let page_count = self.settings.batch_size;
         let mut worker = Worker {
             links: Links {
                 client: self.redis.clone(),
@@ -221,9 +222,8 @@ impl Ingester {
             blocking: None,
             group_ready: false,
             epoch: None,
-            page_count: DEFAULT_BATCH_SIZE,
+            page_count,
         };
-        worker.page_count = worker.s.batch_size;
         worker.drive(&cancel).await;
         let consumer = worker.consumer.clone();
         drop(worker);

@@ -586,7 +586,7 @@ impl OutboxWorker {
             }
             let reason = format!(
                 "Redis refused the entry {times} times while answering other commands: {}",
-                crate::dead_letters::echo(error)
+                crate::stream::clip(error)
             );
             sqlx::query(sqlx::AssertSqlSafe(self.create_dead_sql.as_str()))
                 .execute(&mut **tx)
