@@ -77,6 +77,10 @@ pub struct WidgetPipelineSpec {
     pub cache: CacheSpec,
     #[serde(default)]
     pub reclaim: ReclaimSpec,
+    /// Deadlines of every store connection: how long a store that stops answering may hold
+    /// a component before it reports not-ready and retries.
+    #[serde(default)]
+    pub timeouts: TimeoutsSpec,
     /// Product sources; one outbox-worker Deployment each.
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(
@@ -199,6 +203,71 @@ impl Default for ReclaimSpec {
             interval: "15s".into(),
             max_deliveries: 5,
             idle_consumer_ttl: "1h".into(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TimeoutsSpec {
+    /// Every Postgres connection (the core database and each product database).
+    pub database: DatabaseTimeoutsSpec,
+    pub redis: RedisTimeoutsSpec,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DatabaseTimeoutsSpec {
+    /// Opening a connection, and waiting for a free pooled one.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub connect_timeout: String,
+    /// Every statement: the server's statement_timeout and a client-side deadline.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub statement_timeout: String,
+    /// The server ends a session idle inside a transaction this long (releasing its locks).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub idle_in_transaction_timeout: String,
+    /// Pooled connections unused this long are closed.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub idle_timeout: String,
+    /// TCP keepalive idle time of the server's side of each connection.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub keepalive: String,
+}
+
+impl Default for DatabaseTimeoutsSpec {
+    fn default() -> Self {
+        Self {
+            connect_timeout: "5s".into(),
+            statement_timeout: "10s".into(),
+            idle_in_transaction_timeout: "60s".into(),
+            idle_timeout: "5m".into(),
+            keepalive: "30s".into(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RedisTimeoutsSpec {
+    /// Opening a connection (TCP and the handshake).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub connect_timeout: String,
+    /// Every command's reply (a blocking read gets its block time on top).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub response_timeout: String,
+    /// TCP keepalive idle time of every socket; unacknowledged for twice this long, the
+    /// connection is closed and made again.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub keepalive: String,
+}
+
+impl Default for RedisTimeoutsSpec {
+    fn default() -> Self {
+        Self {
+            connect_timeout: "1s".into(),
+            response_timeout: "2s".into(),
+            keepalive: "30s".into(),
         }
     }
 }

@@ -223,6 +223,15 @@ fn defaults_in_the_schema_match_the_runtime() {
         spec["stream"]["default"],
         json!({"consumerGroup": "core-ingester", "maxLength": 1000000})
     );
+    // The operator's render test checks these equal the runtime's own defaults.
+    assert_eq!(
+        spec["timeouts"]["default"],
+        json!({
+            "database": {"connectTimeout": "5s", "statementTimeout": "10s",
+                         "idleInTransactionTimeout": "60s", "idleTimeout": "5m", "keepalive": "30s"},
+            "redis": {"connectTimeout": "1s", "responseTimeout": "2s", "keepalive": "30s"},
+        })
+    );
 }
 
 #[test]

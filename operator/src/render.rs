@@ -25,7 +25,8 @@ use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 use widget_crds::{SecretKeyRef, WidgetPipeline};
 use widget_runtime::config::{
-    CacheConfig, Config, ReclaimConfig, ScreenConfig, SourceConfig, StreamConfig, human_duration,
+    CacheConfig, Config, DatabaseConfig, ReclaimConfig, RedisConfig, ScreenConfig, SourceConfig,
+    StreamConfig, human_duration,
 };
 
 use crate::{Error, Result};
@@ -157,6 +158,36 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
                 widgets: s.widgets.clone(),
             })
             .collect(),
+        database: DatabaseConfig {
+            connect_timeout: duration(
+                "timeouts.database.connectTimeout",
+                &spec.timeouts.database.connect_timeout,
+            )?,
+            statement_timeout: duration(
+                "timeouts.database.statementTimeout",
+                &spec.timeouts.database.statement_timeout,
+            )?,
+            idle_in_transaction_timeout: duration(
+                "timeouts.database.idleInTransactionTimeout",
+                &spec.timeouts.database.idle_in_transaction_timeout,
+            )?,
+            idle_timeout: duration(
+                "timeouts.database.idleTimeout",
+                &spec.timeouts.database.idle_timeout,
+            )?,
+            keepalive: duration("timeouts.database.keepalive", &spec.timeouts.database.keepalive)?,
+        },
+        redis: RedisConfig {
+            connect_timeout: duration(
+                "timeouts.redis.connectTimeout",
+                &spec.timeouts.redis.connect_timeout,
+            )?,
+            response_timeout: duration(
+                "timeouts.redis.responseTimeout",
+                &spec.timeouts.redis.response_timeout,
+            )?,
+            keepalive: duration("timeouts.redis.keepalive", &spec.timeouts.redis.keepalive)?,
+        },
     };
     config
         .validate()

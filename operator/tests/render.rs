@@ -166,6 +166,26 @@ fn retention_and_warm_rate_reach_the_runtime_config() {
 }
 
 #[test]
+fn timeouts_reach_the_runtime_config_and_too_small_ones_are_invalid() {
+    let mut wp = sample();
+    wp.spec.timeouts.database.statement_timeout = "3s".into();
+    wp.spec.timeouts.redis.response_timeout = "750ms".into();
+    let r = rendered(&wp);
+    let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
+    let config = Config::from_yaml_str(text).expect("the runtime loads the rendered config");
+    assert_eq!(config.database.statement_timeout, Duration::from_secs(3));
+    assert_eq!(config.redis.response_timeout, Duration::from_millis(750));
+
+    let mut wp = sample();
+    wp.spec.timeouts.redis.response_timeout = "1ms".into();
+    let e = render::render(&wp, &versions()).expect_err("a 1ms response timeout");
+    assert!(
+        matches!(e, Error::InvalidSpec(ref m) if m.contains("redis.responseTimeout") && m.contains("at least 100ms")),
+        "{e}"
+    );
+}
+
+#[test]
 fn omitted_fields_render_the_runtime_defaults() {
     let minimal = r#"
 apiVersion: homewidgets.io/v1alpha1

@@ -370,8 +370,8 @@ async fn start_api(
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let redis = connect::redis_client(redis_url).expect("redis url");
-    let pool = connect::pg_pool(db_url, 16).expect("pool");
+    let redis = redis::Client::open(redis_url).expect("redis url");
+    let pool = connect::pg_pool(db_url, 16, &Default::default()).expect("pool");
     let (config, cancel) = (config.clone(), cancel.clone());
     tokio::spawn(async move {
         api::serve(

@@ -137,7 +137,7 @@ fn start(
         config,
         "bench".into(),
         redis::Client::open(redis.url()).expect("redis url"),
-        widget_runtime::connect::pg_pool(core_url, 8).expect("pool"),
+        widget_runtime::connect::pg_pool(core_url, 8, &Default::default()).expect("pool"),
         &mut registry,
         Readiness::default(),
     )
@@ -364,7 +364,7 @@ async fn pipeline(
         widget_runtime::outbox::worker::WorkerSettings::from_config(&config, "deals")
             .expect("source"),
         redis::Client::open(redis.url()).expect("redis url"),
-        widget_runtime::connect::pg_pool(&product_url, 4).expect("pool"),
+        widget_runtime::connect::pg_pool(&product_url, 4, &Default::default()).expect("pool"),
         &mut Registry::default(),
         Readiness::default(),
     );
@@ -457,7 +457,8 @@ async fn rewarm(pg: &PgServer, redis: &RedisServer, widgets: usize) -> Rewarm {
     let api = {
         let (config, stop) = (config.clone(), stop.clone());
         let client = redis::Client::open(redis.url()).expect("redis url");
-        let pool = widget_runtime::connect::pg_pool(&core_url, 8).expect("pool");
+        let pool =
+            widget_runtime::connect::pg_pool(&core_url, 8, &Default::default()).expect("pool");
         tokio::spawn(async move {
             widget_runtime::api::serve(
                 &config,

@@ -224,7 +224,7 @@ async fn main() {
     let url = pg.create_database("product").await.expect("db");
     // The pool the outbox-worker command uses (connect::pg_pool), so the relay rows measure
     // what production runs.
-    let pool = widget_runtime::connect::pg_pool(&url, 8).expect("pool");
+    let pool = widget_runtime::connect::pg_pool(&url, 8, &Default::default()).expect("pool");
     store::migrate(&store::PRODUCT_MIGRATIONS, &pool)
         .await
         .expect("migrate");

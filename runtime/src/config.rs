@@ -52,6 +52,12 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     #[serde(default)]
     pub screens: Vec<ScreenConfig>,
+    /// Deadlines of every Postgres connection (the core database and each product database).
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Deadlines of every Redis connection.
+    #[serde(default)]
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +129,73 @@ impl Default for ReclaimConfig {
             interval: Duration::from_secs(15),
             max_deliveries: 5,
             idle_consumer_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// How long a Postgres connection may take for each thing it does. A store that stops
+/// answering (a failed primary, a partition) must turn into an error within a stated time, so
+/// the component reports not-ready, keeps its batch for a retry, and stops on SIGTERM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Opening a connection (TCP, TLS, authentication), and waiting for a free pooled one.
+    #[serde(with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// Every statement: the server's `statement_timeout` and a client-side deadline of the same
+    /// length (a server that stops answering cannot cancel anything itself).
+    #[serde(with = "human_duration")]
+    pub statement_timeout: Duration,
+    /// The server ends a session left idle inside a transaction this long, releasing its locks
+    /// (`idle_in_transaction_session_timeout`): an outbox claim's row locks do not outlive a
+    /// worker that lost its connection mid-relay.
+    #[serde(with = "human_duration")]
+    pub idle_in_transaction_timeout: Duration,
+    /// Pooled connections unused this long are closed.
+    #[serde(with = "human_duration")]
+    pub idle_timeout: Duration,
+    /// TCP keepalive idle time of the server's side of each connection (`tcp_keepalives_idle`,
+    /// probes every third of it, three lost probes end the session), so the server frees the
+    /// sessions and locks of clients that vanished.
+    #[serde(with = "human_duration")]
+    pub keepalive: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(300),
+            keepalive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How long a Redis connection may take for each thing it does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Opening a connection (TCP and the handshake).
+    #[serde(with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// Every command's reply (a blocking read gets its block time on top).
+    #[serde(with = "human_duration")]
+    pub response_timeout: Duration,
+    /// TCP keepalive idle time of every socket (probes every third of it); a connection whose
+    /// probes or data go unacknowledged for twice this long is closed by the kernel
+    /// (`TCP_USER_TIMEOUT`), so a partition ends in a reconnect instead of a silent hang.
+    #[serde(with = "human_duration")]
+    pub keepalive: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -337,6 +410,39 @@ impl Config {
                 "must be at least 1m (consumers idle this long with nothing pending are removed)",
             ));
         }
+        let (db, redis) = (&self.database, &self.redis);
+        at_least(
+            "database.connectTimeout",
+            db.connect_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "database.statementTimeout",
+            db.statement_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "database.idleInTransactionTimeout",
+            db.idle_in_transaction_timeout,
+            Duration::from_secs(1),
+        )?;
+        at_least(
+            "database.idleTimeout",
+            db.idle_timeout,
+            Duration::from_secs(1),
+        )?;
+        at_least("database.keepalive", db.keepalive, Duration::from_secs(1))?;
+        at_least(
+            "redis.connectTimeout",
+            redis.connect_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "redis.responseTimeout",
+            redis.response_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least("redis.keepalive", redis.keepalive, Duration::from_secs(1))?;
         if self.sources.is_empty() {
             return Err(invalid("sources", "at least one source is required"));
         }

@@ -1,58 +1,231 @@
-//! Opening connections with the timeouts this system needs.
+//! Opening connections with the deadlines this system needs (`database` and `redis` in the
+//! config). Every store call a component makes ends within a stated time, whether the store
+//! answers, refuses or has stopped answering (a failed host, a partition): see
+//! `docs/ingester.md#deadlines`.
 
-use std::time::Duration;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client};
+use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
 use sqlx::PgPool;
-use std::str::FromStr;
-
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-/// Response timeout of the shared Redis connection (redis-rs 1.x defaults to 500 ms).
-pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+use crate::config::{DatabaseConfig, RedisConfig};
 
-pub fn redis_client(url: &str) -> redis::RedisResult<Client> {
-    Client::open(url)
+/// A Redis endpoint with the deadlines of [`RedisConfig`]: every connection made through it
+/// has them (the connection manager, blocking reads, one-off connections).
+#[derive(Clone)]
+pub struct Redis {
+    client: Client,
+    settings: RedisConfig,
 }
 
-/// A reconnecting multiplexed connection for ordinary commands. Each command that meets a
-/// dead connection fails (it is not retried); the next one reconnects.
-pub async fn redis_manager(client: &Client) -> redis::RedisResult<ConnectionManager> {
-    let cfg = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client.clone(), cfg).await
+impl std::fmt::Debug for Redis {
+    // The URL may carry a password: only the settings are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
-/// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`): its response timeout
-/// must outlast the block time, or every idle read fails as a timeout.
-pub async fn redis_blocking(
-    client: &Client,
-    block: Duration,
-) -> redis::RedisResult<MultiplexedConnection> {
-    let cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(block + Duration::from_secs(3)));
-    client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await
+impl Redis {
+    pub fn open(url: &str, settings: &RedisConfig) -> redis::RedisResult<Redis> {
+        let info = url.into_connection_info()?;
+        Ok(Redis {
+            client: Client::open(info.set_tcp_settings(tcp_settings(settings)))?,
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn response_timeout(&self) -> Duration {
+        self.settings.response_timeout
+    }
+
+    /// A reconnecting multiplexed connection for ordinary commands. Each command that meets a
+    /// dead connection fails (it is not retried); the next one reconnects.
+    pub async fn manager(&self) -> redis::RedisResult<ConnectionManager> {
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.settings.connect_timeout))
+            .set_response_timeout(Some(self.settings.response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_with_config(self.client.clone(), cfg).await
+    }
+
+    /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`): its response
+    /// timeout is the block time plus the ordinary response timeout, or every idle read would
+    /// fail as a timeout.
+    pub async fn blocking(&self, block: Duration) -> redis::RedisResult<MultiplexedConnection> {
+        self.multiplexed(block + self.settings.response_timeout)
+            .await
+    }
+
+    /// A plain multiplexed connection with the configured deadlines (tools, one-off checks).
+    pub async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        self.multiplexed(self.settings.response_timeout).await
+    }
+
+    async fn multiplexed(&self, response: Duration) -> redis::RedisResult<MultiplexedConnection> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.settings.connect_timeout))
+            .set_response_timeout(Some(response));
+        self.client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+    }
+}
+
+/// A client opened elsewhere (tests, benchmarks) gets the default deadlines.
+impl From<Client> for Redis {
+    fn from(client: Client) -> Redis {
+        let settings = RedisConfig::default();
+        let info = client
+            .get_connection_info()
+            .clone()
+            .set_tcp_settings(tcp_settings(&settings));
+        Redis {
+            client: Client::open(info).unwrap_or(client),
+            settings,
+        }
+    }
+}
+
+/// Nagle's algorithm only delays the small pipelined commands of a multiplexed connection.
+/// Keepalive probes an idle connection; the user timeout also ends one a partition left with
+/// unacknowledged data, which keepalive alone cannot.
+fn tcp_settings(settings: &RedisConfig) -> TcpSettings {
+    let idle = settings.keepalive;
+    let keepalive = TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle / 3)
+        .with_retries(3);
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(idle * 2)
+}
+
+/// When a database deadline last expired (ms since [`process_start`]; 0: never).
+static LAST_OVERRUN_MS: AtomicU64 = AtomicU64::new(0);
+/// For this long after a deadline expired, connections coming back to a pool must prove they
+/// still answer, quickly.
+const SUSPECT_WINDOW: Duration = Duration::from_secs(60);
+
+fn process_start() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn since_start_ms() -> u64 {
+    u64::try_from(process_start().elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+fn overran_recently() -> bool {
+    match LAST_OVERRUN_MS.load(Ordering::Relaxed) {
+        0 => false,
+        at => since_start_ms().saturating_sub(at) < SUSPECT_WINDOW.as_millis() as u64,
+    }
+}
+
+/// Runs one database call with a client-side deadline. The server's `statement_timeout` only
+/// helps while the server answers; a server that stopped answering (SIGSTOPped, partitioned)
+/// leaves a call waiting for ever without this.
+///
+/// A call cut off here leaves its connection mid-protocol. sqlx then checks it with a ping
+/// when it goes back to the pool, without a deadline of its own, so on a dead link that check
+/// would hold the pool slot for ever; the pool's release hook (see [`pg_pool`]) gives it one.
+pub async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            LAST_OVERRUN_MS.store(since_start_ms(), Ordering::Relaxed);
+            Err(timed_out(limit))
+        }
+    }
+}
+
+/// `call.deadline(limit)`: [`within`] as a method, so a statement reads top to bottom.
+pub trait Deadline<T>: Future<Output = Result<T, sqlx::Error>> + Sized {
+    fn deadline(self, limit: Duration) -> impl Future<Output = Result<T, sqlx::Error>> {
+        within(limit, self)
+    }
+}
+
+impl<T, F: Future<Output = Result<T, sqlx::Error>>> Deadline<T> for F {}
+
+/// The error of a database call cut off by its deadline.
+pub fn timed_out(limit: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the database did not answer within {}",
+            crate::config::human_duration::format(limit)
+        ),
+    ))
 }
 
 /// A pool that connects lazily, so a component starts (and reports not-ready) while its
 /// database is down, and recovers by itself when it returns.
 ///
+/// Each session is opened with the server-side deadlines of `timeouts` (statement timeout,
+/// idle-in-transaction timeout, TCP keepalive), so a session stuck on the server's side is
+/// ended by the server too.
+///
 /// JIT is off for these sessions: every query here is a short keyed or batched statement, and
 /// a cost estimate that crosses `jit_above_cost` on a table without statistics yet (a freshly
 /// filled outbox) made a 500-row claim take 100-150 ms of compilation (measured in the relay
 /// benchmark).
-pub fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?.options([("jit", "off")]);
+pub fn pg_pool(
+    url: &str,
+    max_connections: u32,
+    timeouts: &DatabaseConfig,
+) -> Result<PgPool, sqlx::Error> {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let secs = |d: Duration| d.as_secs().max(1).to_string();
+    let options = PgConnectOptions::from_str(url)?.options([
+        ("jit", "off".to_string()),
+        ("statement_timeout", ms(timeouts.statement_timeout)),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(timeouts.idle_in_transaction_timeout),
+        ),
+        ("tcp_keepalives_idle", secs(timeouts.keepalive)),
+        ("tcp_keepalives_interval", secs(timeouts.keepalive / 3)),
+        ("tcp_keepalives_count", "3".to_string()),
+    ]);
+    let check = timeouts.connect_timeout;
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(2))
+        .acquire_timeout(timeouts.connect_timeout)
+        .idle_timeout(Some(timeouts.idle_timeout))
+        .after_release(move |conn, _| {
+            Box::pin(async move {
+                if !overran_recently() {
+                    return Ok(true);
+                }
+                // A deadline expired lately: this connection may be one that was cut off on a
+                // dead link. Close it unless it answers within the connect timeout.
+                use sqlx::Connection;
+                match tokio::time::timeout(check, conn.ping()).await {
+                    Ok(Ok(())) => Ok(true),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(timed_out(check)),
+                }
+            })
+        })
         .connect_lazy_with(options))
 }

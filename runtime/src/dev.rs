@@ -47,13 +47,15 @@ pub async fn run(
             s.outbox_table
         );
     }
-    let redis = connect::redis_client(&stores.redis_url).context("invalid REDIS_URL")?;
-    let core =
-        connect::pg_pool(&stores.core_database_url, 16).context("invalid CORE_DATABASE_URL")?;
+    let redis =
+        connect::Redis::open(&stores.redis_url, &config.redis).context("invalid REDIS_URL")?;
+    let core = connect::pg_pool(&stores.core_database_url, 16, &config.database)
+        .context("invalid CORE_DATABASE_URL")?;
     let source = if stores.source_database_url == stores.core_database_url {
         core.clone()
     } else {
-        connect::pg_pool(&stores.source_database_url, 8).context("invalid SOURCE_DATABASE_URL")?
+        connect::pg_pool(&stores.source_database_url, 8, &config.database)
+            .context("invalid SOURCE_DATABASE_URL")?
     };
     store::migrate(&store::CORE_MIGRATIONS, &core)
         .await

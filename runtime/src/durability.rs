@@ -293,7 +293,7 @@ pub const SETTINGS_INTERVAL: Duration = Duration::from_secs(60);
 /// an error in the log (once per change), `gauge` = 1 and the stats gauge the operator turns
 /// into `RedisEvictionUnsafe`.
 pub async fn watch_settings(
-    client: redis::Client,
+    client: connect::Redis,
     gauge: Gauge,
     stats: Arc<Stats>,
     interval: Duration,
@@ -302,7 +302,7 @@ pub async fn watch_settings(
     let mut last: Option<Option<String>> = None;
     loop {
         let reading = async {
-            let mut conn = connect::redis_manager(&client).await?;
+            let mut conn = client.manager().await?;
             let policy = eviction_policy(&mut conn).await?;
             let persist = if last.is_none() {
                 persistence(&mut conn).await

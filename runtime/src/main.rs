@@ -257,8 +257,9 @@ async fn main() -> anyhow::Result<()> {
         Command::OutboxWorker(args) => {
             let config = load_config(&args.common.config)?;
             let settings = outbox::worker::WorkerSettings::from_config(&config, &args.source)?;
-            let redis = connect::redis_client(&args.redis_url).context("invalid REDIS_URL")?;
-            let pool = connect::pg_pool(&args.source_database_url, 4)
+            let redis = connect::Redis::open(&args.redis_url, &config.redis)
+                .context("invalid REDIS_URL")?;
+            let pool = connect::pg_pool(&args.source_database_url, 4, &config.database)
                 .context("invalid SOURCE_DATABASE_URL")?;
             let listener = bind(args.common.admin_listen).await?;
             let cancel = shutdown::on_signal();
@@ -278,8 +279,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Ingester(args) => {
             let config = load_config(&args.common.config)?;
-            let redis = connect::redis_client(&args.redis_url).context("invalid REDIS_URL")?;
-            let pool = connect::pg_pool(&args.core_database_url, 8)
+            let redis = connect::Redis::open(&args.redis_url, &config.redis)
+                .context("invalid REDIS_URL")?;
+            let pool = connect::pg_pool(&args.core_database_url, 8, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
             let consumer = match args.consumer {
                 Some(name) if !name.trim().is_empty() => name,
@@ -311,8 +313,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CoreApi(args) => {
             let config = load_config(&args.config)?;
-            let redis = connect::redis_client(&args.redis_url).context("invalid REDIS_URL")?;
-            let pool = connect::pg_pool(&args.core_database_url, 16)
+            let redis = connect::Redis::open(&args.redis_url, &config.redis)
+                .context("invalid REDIS_URL")?;
+            let pool = connect::pg_pool(&args.core_database_url, 16, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
             let listener = bind(args.listen).await?;
             let cancel = shutdown::on_signal();
@@ -340,9 +343,9 @@ async fn main() -> anyhow::Result<()> {
                         .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                 }),
             };
-            let mut redis = connect::redis_client(&args.redis_url)
+            let mut redis = connect::Redis::open(&args.redis_url, &config.redis)
                 .context("invalid REDIS_URL")?
-                .get_multiplexed_async_connection()
+                .connection()
                 .await
                 .context("cannot connect to Redis")?;
             let dead_stream = config.dead_letter_stream();
@@ -401,12 +404,11 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("`{}` is not a widget key", args.key))?;
             let config = load_config(&args.config)?;
             let cache = widget_runtime::cache::Cache::new(config.key_prefix());
-            let pool = sqlx::PgPool::connect(&args.core_database_url)
-                .await
-                .context("cannot connect to the core database")?;
-            let mut redis = connect::redis_client(&args.redis_url)
+            let pool = connect::pg_pool(&args.core_database_url, 1, &config.database)
+                .context("invalid CORE_DATABASE_URL")?;
+            let mut redis = connect::Redis::open(&args.redis_url, &config.redis)
                 .context("invalid REDIS_URL")?
-                .get_multiplexed_async_connection()
+                .connection()
                 .await
                 .context("cannot connect to Redis")?;
             let report = match purge {

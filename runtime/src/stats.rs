@@ -169,13 +169,13 @@ impl Stats {
     /// Connects (retrying while Redis is down), then flushes every `interval` until cancelled.
     pub async fn flush_until_cancelled(
         &self,
-        client: redis::Client,
+        client: crate::connect::Redis,
         stats_key: String,
         interval: Duration,
         cancel: CancellationToken,
     ) {
         let conn = loop {
-            match crate::connect::redis_manager(&client).await {
+            match client.manager().await {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::debug!(error = %e, "stats flusher cannot reach Redis yet");

@@ -29,7 +29,19 @@ pub async fn migrate(
     migrator: &Migrator,
     pool: &PgPool,
 ) -> Result<(), sqlx::migrate::MigrateError> {
-    migrator.run(pool).await
+    use sqlx::Connection;
+    // A migration (an index build on a large table) may run far longer than the pool's
+    // statement deadline: it runs on a connection of its own without one, closed afterwards
+    // so the lifted limits never reach ordinary work.
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::raw_sql("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0")
+        .execute(&mut conn)
+        .await?;
+    // `run_direct` is what `run` calls; `run(&mut conn)` makes callers' futures not `Send`
+    // (sqlx's "`Acquire` is not general enough", which this function exists to avoid).
+    let result = migrator.run_direct(None, &mut conn, false).await;
+    let _ = conn.close().await;
+    result
 }
 
 /// One change to apply.

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Cache, CacheWrite};
 use crate::config::Config;
-use crate::connect;
+use crate::connect::{self, Deadline};
 use crate::durability;
 use crate::stats::{self, Stats};
 
@@ -43,6 +43,8 @@ pub struct WarmSettings {
     /// How often the epoch is checked while no re-warm is due.
     pub check_interval: Duration,
     pub lock_ttl: Duration,
+    /// Client-side deadline of every database statement (`database.statementTimeout`).
+    pub db_deadline: Duration,
 }
 
 impl WarmSettings {
@@ -59,6 +61,7 @@ impl WarmSettings {
             cursor_key: config.warm_key("cursor"),
             check_interval: Duration::from_secs(2),
             lock_ttl: Duration::from_secs(15),
+            db_deadline: config.database.statement_timeout,
         }
     }
 }
@@ -127,7 +130,7 @@ pub struct Warmer {
     pub group: String,
     /// This replica's lock value (its consumer name).
     pub owner: String,
-    pub client: redis::Client,
+    pub client: connect::Redis,
     pub pool: PgPool,
     pub metrics: WarmMetrics,
     pub stats: Arc<Stats>,
@@ -176,7 +179,7 @@ impl Warmer {
     ) -> Result<(), WarmError> {
         let c = match conn {
             Some(c) => c,
-            None => conn.insert(connect::redis_manager(&self.client).await?),
+            None => conn.insert(self.client.manager().await?),
         };
         let current = self.epoch(c, epoch.as_deref()).await?;
         *epoch = Some(current.clone());
@@ -262,7 +265,9 @@ impl Warmer {
             if cancel.is_cancelled() {
                 return Ok(());
             }
-            let rows = page(&self.pool, after.as_ref(), s.page).await?;
+            let rows = page(&self.pool, after.as_ref(), s.page)
+                .deadline(s.db_deadline)
+                .await?;
             let mut rows = rows;
             for row in &mut rows {
                 row.4 = row.4.take().map(crate::store::compact_jsonb_text);

@@ -3,9 +3,12 @@
 //! Clients connect to the proxy instead of the server. Switching the target (or just cutting the
 //! open connections) is what a client sees when a server fails over behind a DNS name, a
 //! Sentinel or a load balancer: its connections break and reconnects land somewhere else.
+//! Blackholing is what it sees when a host fails or the network partitions: nothing is
+//! refused or reset, bytes are accepted and never answered, new connections hang the same way.
 
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,6 +22,8 @@ pub struct TcpProxy {
     /// The target port. Every change, also one that keeps the same port, cuts the open
     /// connections: each connection task watches this channel and drops both of its sockets.
     target: watch::Sender<u16>,
+    /// Whether traffic is blackholed.
+    blackholed: watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
 
@@ -33,10 +38,12 @@ impl TcpProxy {
             .map_err(|e| Error::Io(format!("proxy local addr: {e}")))?
             .port();
         let (target, rx) = watch::channel(target_port);
-        let accept = tokio::spawn(accept_loop(listener, rx));
+        let (blackholed, hole) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, rx, hole));
         Ok(TcpProxy {
             port,
             target,
+            blackholed,
             accept,
         })
     }
@@ -63,6 +70,20 @@ impl TcpProxy {
     pub fn close_connections(&self) {
         self.target.send_modify(|_| {});
     }
+
+    /// From now on bytes in both directions are read and dropped, on open connections and on
+    /// new ones (accepted, never connected through). Nothing is closed or reset: a client
+    /// notices only by its own deadlines, as with a failed host or a partition.
+    pub fn blackhole(&self) {
+        self.blackholed.send_replace(true);
+    }
+
+    /// Ends the blackhole: the connections it swallowed are closed (their server side is long
+    /// gone after a real partition, so the client's next packet meets a reset) and new
+    /// connections are forwarded again.
+    pub fn restore(&self) {
+        self.blackholed.send_replace(false);
+    }
 }
 
 impl Drop for TcpProxy {
@@ -72,7 +93,7 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>) {
+async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>, hole: watch::Receiver<bool>) {
     loop {
         let inbound = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -82,13 +103,14 @@ async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>) {
                 continue;
             }
         };
-        let mut rx = rx.clone();
+        let (mut rx, mut hole) = (rx.clone(), hole.clone());
         // Read the target and mark this version seen in one step: any later change, also one
         // made while this connection is still being set up, closes it.
         let target = *rx.borrow_and_update();
+        let blackholed = *hole.borrow_and_update();
         tokio::spawn(async move {
             tokio::select! {
-                _ = forward(inbound, target) => {}
+                _ = connection(inbound, target, blackholed, &mut hole) => {}
                 // A new target, `close_connections`, or the proxy was dropped (`Err`).
                 _ = rx.changed() => {}
             }
@@ -96,15 +118,52 @@ async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>) {
     }
 }
 
-/// Copies both ways until both sides are done. When the target refuses the connection, the
-/// client's connection is simply closed, as when the server is down.
-async fn forward(mut inbound: TcpStream, target: u16) -> std::io::Result<()> {
-    let mut outbound = TcpStream::connect(("127.0.0.1", target)).await?;
-    // The proxy must not add latency to small request/response protocols like RESP.
-    inbound.set_nodelay(true)?;
-    outbound.set_nodelay(true)?;
-    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
-    Ok(())
+/// Forwards one connection until it ends or is blackholed; a blackholed connection swallows
+/// what both sides send until the blackhole ends, then is closed.
+async fn connection(
+    mut inbound: TcpStream,
+    target: u16,
+    blackholed: bool,
+    hole: &mut watch::Receiver<bool>,
+) {
+    let mut outbound = None;
+    if !blackholed {
+        // When the target refuses the connection, the client's connection is simply closed,
+        // as when the server is down.
+        let Ok(mut out) = TcpStream::connect(("127.0.0.1", target)).await else {
+            return;
+        };
+        // The proxy must not add latency to small request/response protocols like RESP.
+        if inbound.set_nodelay(true).is_err() || out.set_nodelay(true).is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => return,
+            _ = hole.wait_for(|b| *b) => {}
+        }
+        outbound = Some(out);
+    }
+    tokio::select! {
+        _ = swallow(&mut inbound, outbound.as_mut()) => {}
+        _ = hole.wait_for(|b| !*b) => {}
+    }
+}
+
+/// Reads and drops everything both sides send, until the client side closes.
+async fn swallow(inbound: &mut TcpStream, outbound: Option<&mut TcpStream>) {
+    let (mut a, mut b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let mut outbound = outbound;
+    loop {
+        tokio::select! {
+            r = inbound.read(&mut a) => if matches!(r, Ok(0) | Err(_)) { return },
+            r = async {
+                match outbound.as_mut() {
+                    Some(o) => o.read(&mut b).await,
+                    None => std::future::pending().await,
+                }
+            } => if matches!(r, Ok(0) | Err(_)) { outbound = None },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +293,48 @@ mod tests {
         })
         .await;
         assert!(refused.is_some(), "proxy port no longer accepts");
+    }
+
+    /// Nothing comes back for a while and the connection is not closed either.
+    async fn hangs(conn: &mut TcpStream, msg: &str) -> bool {
+        if conn.write_all(msg.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_millis(700), conn.read(&mut buf))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn a_blackhole_swallows_open_and_new_connections_until_restored() {
+        let a = tagged_echo("a").await;
+        let proxy = TcpProxy::start(a).await.expect("proxy");
+        let mut open = connect(&proxy).await;
+        assert_eq!(ask(&mut open, "1").await, "a:1");
+
+        proxy.blackhole();
+        // The switch reaches the connection task asynchronously.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            hangs(&mut open, "2").await,
+            "an open connection gets no answer"
+        );
+        assert!(hangs(&mut open, "3").await, "and is not closed");
+        let mut new = connect(&proxy).await;
+        assert!(
+            hangs(&mut new, "4").await,
+            "a new connection is accepted and hangs"
+        );
+
+        proxy.restore();
+        assert!(
+            is_closed(&mut open).await,
+            "swallowed connections are closed"
+        );
+        assert!(is_closed(&mut new).await, "including those made meanwhile");
+        let mut after = connect(&proxy).await;
+        assert_eq!(ask(&mut after, "5").await, "a:5");
     }
 
     /// The use it is made for: a Redis client behind the proxy follows a failover.

@@ -226,13 +226,13 @@ async fn lead_read(
     shared.metrics.fallback_reads.inc();
     shared.metrics.fallback_keys.inc_by(keys.len() as u64);
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let result: BatchResult = match tokio::time::timeout(
+    let result: BatchResult = match crate::connect::within(
         shared.settings.database_timeout,
         store::fetch_many(&shared.pool, &refs),
     )
     .await
     {
-        Ok(Ok(found)) => {
+        Ok(found) => {
             shared.db_breaker.record_success();
             Ok(found
                 .into_iter()
@@ -256,16 +256,10 @@ async fn lead_read(
                 })
                 .collect())
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             shared.metrics.store_error("database");
             shared.db_breaker.record_failure(&e);
             Err(e.to_string())
-        }
-        Err(_) => {
-            shared.metrics.store_error("database");
-            let e = format!("no answer within {:?}", shared.settings.database_timeout);
-            shared.db_breaker.record_failure(&e);
-            Err(e)
         }
     };
     let result = Arc::new(result);

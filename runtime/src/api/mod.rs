@@ -106,7 +106,7 @@ pub struct Shared {
     pub settings: ApiSettings,
     screens: HashMap<String, ScreenKeys>,
     cache: Cache,
-    redis: redis::Client,
+    redis: connect::Redis,
     conn: OnceCell<ConnectionManager>,
     pool: PgPool,
     pub redis_breaker: Breaker,
@@ -121,7 +121,7 @@ impl Shared {
     /// The shared Redis connection, opened on first use (so the API starts while Redis is down).
     async fn redis_conn(&self) -> redis::RedisResult<ConnectionManager> {
         self.conn
-            .get_or_try_init(|| connect::redis_manager(&self.redis))
+            .get_or_try_init(|| self.redis.manager())
             .await
             .cloned()
     }
@@ -201,10 +201,9 @@ impl Shared {
 
     async fn ping_database(&self) -> Result<(), String> {
         let attempt = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
-        match tokio::time::timeout(self.settings.database_timeout, attempt).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("SELECT 1 timed out".into()),
+        match connect::within(self.settings.database_timeout, attempt).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -230,7 +229,7 @@ pub struct ApiState(pub Arc<Shared>);
 impl ApiState {
     pub fn new(
         settings: ApiSettings,
-        redis: redis::Client,
+        redis: impl Into<connect::Redis>,
         pool: PgPool,
         registry: &mut Registry,
         readiness: Readiness,
@@ -260,7 +259,7 @@ impl ApiState {
             ),
             settings,
             screens,
-            redis,
+            redis: redis.into(),
             conn: OnceCell::new(),
             pool,
             flights: fetch::Flights::default(),
@@ -326,7 +325,7 @@ pub struct CoreApi {
 impl CoreApi {
     pub fn new(
         settings: ApiSettings,
-        redis: redis::Client,
+        redis: impl Into<connect::Redis>,
         pool: PgPool,
         registry: &mut Registry,
         readiness: Readiness,
@@ -406,7 +405,7 @@ async fn flush_stats(shared: Arc<Shared>, cancel: CancellationToken) {
 /// `listener` until `cancel` fires. `registry` may already hold other components' metrics.
 pub async fn serve(
     config: &Config,
-    redis: redis::Client,
+    redis: impl Into<connect::Redis>,
     pool: PgPool,
     listener: tokio::net::TcpListener,
     mut registry: Registry,

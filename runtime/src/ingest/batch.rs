@@ -11,7 +11,7 @@
 //! would be lost for good. A row whose stored version is newer is never cached from the event.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use super::consumer::{self, Entry};
 use super::dead_letter::DeadLetter;
 use super::{Halt, Worker};
 use crate::cache::CacheWrite;
+use crate::connect::Deadline;
 use crate::durability::{self, Confirmations};
 use crate::stats;
 use crate::store::{self, Change};
@@ -93,16 +94,24 @@ pub(super) struct DbOutcome {
 /// Applies changes with one UPSERT. When the database refuses the batch because of some row's
 /// data, the rows are applied one by one so the good ones go through and only the bad ones
 /// stay pending.
-pub(super) async fn apply(pool: &PgPool, changes: &[Change]) -> Result<DbOutcome, sqlx::Error> {
+/// Every statement gets the client-side deadline `d` (see [`crate::connect::within`]).
+pub(super) async fn apply(
+    pool: &PgPool,
+    changes: &[Change],
+    d: Duration,
+) -> Result<DbOutcome, sqlx::Error> {
     let mut failed = HashSet::new();
-    let winners = match store::apply_batch(pool, changes).await {
+    let winners = match store::apply_batch(pool, changes).deadline(d).await {
         Ok(w) => w,
         Err(e) if is_data_error(&e) => {
             tracing::warn!(error = %e, rows = changes.len(),
                 "database refused the batch; applying its rows one by one");
             let mut w = Vec::new();
             for (i, c) in changes.iter().enumerate() {
-                match store::apply_batch(pool, std::slice::from_ref(c)).await {
+                match store::apply_batch(pool, std::slice::from_ref(c))
+                    .deadline(d)
+                    .await
+                {
                     Ok(won) => w.extend(won),
                     Err(e) if is_data_error(&e) => {
                         tracing::warn!(error = %e, widget_key = %c.widget_key,
@@ -147,7 +156,7 @@ pub(super) async fn apply(pool: &PgPool, changes: &[Change]) -> Result<DbOutcome
         keys.sort_unstable();
         keys.dedup();
         // Versions only: the content of a losing row is never needed here.
-        let current = store::fetch_versions(pool, &keys).await?;
+        let current = store::fetch_versions(pool, &keys).deadline(d).await?;
         for i in losers {
             let c = &changes[i];
             let kv = (c.widget_key.as_str(), c.data_version);
@@ -197,10 +206,10 @@ impl Worker {
         }
 
         let changes: Vec<Change> = valid.iter().map(|v| v.change.clone()).collect();
-        let pool = &self.pool;
+        let (pool, d) = (&self.pool, self.s.db_deadline);
         let outcome = self
             .links
-            .db(cancel, "apply", || apply(pool, &changes))
+            .db(cancel, "apply", || apply(pool, &changes, d))
             .await?;
 
         let jsons: Vec<Option<Vec<u8>>> = outcome

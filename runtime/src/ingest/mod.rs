@@ -66,6 +66,8 @@ pub struct IngestSettings {
     pub stats_interval: Duration,
     pub epoch_key: String,
     pub warm: crate::warm::WarmSettings,
+    /// Client-side deadline of every database statement (`database.statementTimeout`).
+    pub db_deadline: Duration,
 }
 
 impl IngestSettings {
@@ -87,6 +89,7 @@ impl IngestSettings {
             stats_interval: stats::FLUSH_INTERVAL,
             epoch_key: config.epoch_key(),
             warm: crate::warm::WarmSettings::from_config(config),
+            db_deadline: config.database.statement_timeout,
         }
     }
 }
@@ -94,7 +97,7 @@ impl IngestSettings {
 pub struct Ingester {
     settings: IngestSettings,
     consumer: String,
-    redis: redis::Client,
+    redis: connect::Redis,
     pool: PgPool,
     metrics: IngestMetrics,
     warm_metrics: crate::warm::WarmMetrics,
@@ -106,7 +109,7 @@ impl Ingester {
     pub fn new(
         config: &Config,
         consumer: String,
-        redis: redis::Client,
+        redis: impl Into<connect::Redis>,
         pool: PgPool,
         registry: &mut Registry,
         readiness: Readiness,
@@ -118,7 +121,7 @@ impl Ingester {
         Self {
             settings: IngestSettings::from_config(config),
             consumer,
-            redis,
+            redis: redis.into(),
             pool,
             metrics,
             warm_metrics,
@@ -246,7 +249,7 @@ enum Halt {
 
 /// Connections and the bookkeeping of failed attempts.
 struct Links {
-    client: redis::Client,
+    client: connect::Redis,
     manager: Option<ConnectionManager>,
     readiness: Readiness,
     metrics: IngestMetrics,
@@ -258,7 +261,7 @@ impl Links {
         if let Some(m) = &self.manager {
             return Ok(m.clone());
         }
-        let m = connect::redis_manager(&self.client).await?;
+        let m = self.client.manager().await?;
         self.manager = Some(m.clone());
         Ok(m)
     }
@@ -478,7 +481,7 @@ impl Worker {
         let conn = match &mut self.blocking {
             Some(c) => c,
             None => {
-                let c = connect::redis_blocking(&self.links.client, self.s.max_block).await?;
+                let c = self.links.client.blocking(self.s.max_block).await?;
                 self.blocking.insert(c)
             }
         };

@@ -14,6 +14,7 @@ use super::consumer::{self, Entry, as_text, parse_entries};
 use super::consumers;
 use super::dead_letter::{self, DeadLetter};
 use super::{Halt, Worker};
+use crate::connect::Deadline;
 use crate::stats;
 
 /// One page of XAUTOCLAIM.
@@ -115,7 +116,11 @@ impl Worker {
     /// Runs only while the database answers: during an outage nothing could be applied anyway,
     /// and claiming would only raise delivery counts until good entries were dead-lettered.
     pub(super) async fn reclaim_pass(&mut self, cancel: &CancellationToken) -> Result<(), Halt> {
-        if let Err(e) = sqlx::query("SELECT 1").execute(&self.pool).await {
+        if let Err(e) = sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .deadline(self.s.db_deadline)
+            .await
+        {
             self.links.db_failed(&e, "reclaim health check");
             return Ok(());
         }

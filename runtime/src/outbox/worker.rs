@@ -28,11 +28,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
 use crate::config::{Config, SourceConfig, quote_identifier};
+use crate::connect::{self, Deadline};
 use crate::durability::{self, Epoch};
 use crate::event::Op;
+use crate::retry;
 use crate::stats::{self, Stats};
 use crate::stream::StreamEvent;
-use crate::{connect, retry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -60,6 +61,8 @@ pub struct WorkerSettings {
     pub confirmed_key: String,
     /// How often confirmations are turned into deletes.
     pub confirm_interval: Duration,
+    /// Client-side deadline of every database statement (`database.statementTimeout`).
+    pub db_deadline: Duration,
 }
 
 impl WorkerSettings {
@@ -79,6 +82,7 @@ impl WorkerSettings {
             epoch_key: config.epoch_key(),
             confirmed_key: config.confirmed_key(source),
             confirm_interval: Duration::from_millis(250),
+            db_deadline: config.database.statement_timeout,
         })
     }
 
@@ -214,7 +218,7 @@ struct OutboxRow {
 
 pub struct OutboxWorker {
     settings: WorkerSettings,
-    redis: redis::Client,
+    redis: connect::Redis,
     pool: PgPool,
     metrics: WorkerMetrics,
     readiness: Readiness,
@@ -235,7 +239,7 @@ pub struct OutboxWorker {
 impl OutboxWorker {
     pub fn new(
         settings: WorkerSettings,
-        redis: redis::Client,
+        redis: impl Into<connect::Redis>,
         pool: PgPool,
         registry: &mut Registry,
         readiness: Readiness,
@@ -277,7 +281,7 @@ impl OutboxWorker {
         readiness.fail("database", "not connected yet");
         Self {
             settings,
-            redis,
+            redis: redis.into(),
             pool,
             metrics,
             readiness,
@@ -303,6 +307,7 @@ impl OutboxWorker {
             tokio::spawn(listen_for_wakeups(
                 self.pool.clone(),
                 self.settings.source.outbox_table.clone(),
+                self.settings.db_deadline,
                 self.wake.clone(),
                 cancel.clone(),
             )),
@@ -425,7 +430,7 @@ impl OutboxWorker {
     ) -> Result<Relayed, WorkerError> {
         let redis = match conn {
             Some(c) => c,
-            None => match connect::redis_manager(&self.redis).await {
+            None => match self.redis.manager().await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
                     self.readiness.fail("redis", e.to_string());
@@ -465,13 +470,20 @@ impl OutboxWorker {
             return Ok(Relayed::BackPressure { unread });
         }
 
-        let mut tx = self.pool.begin().await.inspect_err(|e| self.db_down(e))?;
+        let d = self.settings.db_deadline;
+        let mut tx = self
+            .pool
+            .begin()
+            .deadline(d)
+            .await
+            .inspect_err(|e| self.db_down(e))?;
         let rows: Vec<OutboxRow> = sqlx::query_as::<
             _,
             (i64, String, String, i64, String, Option<String>, i64),
         >(sqlx::AssertSqlSafe(self.claim_sql.as_str()))
         .bind(i64::from(self.settings.source.batch_size))
         .fetch_all(&mut *tx)
+        .deadline(d)
         .await
         .inspect_err(|e| self.db_down(e))?
         .into_iter()
@@ -489,7 +501,7 @@ impl OutboxWorker {
         .collect();
         self.readiness.pass("database");
         if rows.is_empty() {
-            tx.commit().await?;
+            tx.commit().deadline(d).await?;
             return Ok(Relayed::Empty);
         }
 
@@ -548,9 +560,14 @@ impl OutboxWorker {
             .bind(&ids)
             .bind(&epoch.id)
             .execute(&mut *tx)
-            .await?;
+            .deadline(d)
+            .await
+            .inspect_err(|e| self.db_down(e))?;
         let moved = self.refused(&mut tx, &rows, &refused).await?;
-        tx.commit().await?;
+        tx.commit()
+            .deadline(d)
+            .await
+            .inspect_err(|e| self.db_down(e))?;
         self.confirm_moved(&moved);
         let sent = ids.len();
         self.metrics.published.inc_by(sent as u64);
@@ -588,13 +605,16 @@ impl OutboxWorker {
                 "Redis refused the entry {times} times while answering other commands: {}",
                 crate::stream::clip(error)
             );
+            let d = self.settings.db_deadline;
             sqlx::query(sqlx::AssertSqlSafe(self.create_dead_sql.as_str()))
                 .execute(&mut **tx)
+                .deadline(d)
                 .await?;
             sqlx::query(sqlx::AssertSqlSafe(self.move_dead_sql.as_str()))
                 .bind(row.id)
                 .bind(&reason)
                 .execute(&mut **tx)
+                .deadline(d)
                 .await?;
             moved.push((row.id, reason));
         }
@@ -656,6 +676,7 @@ impl OutboxWorker {
         let replayed = sqlx::query(sqlx::AssertSqlSafe(self.replay_sql.as_str()))
             .bind(&epoch.id)
             .execute(&self.pool)
+            .deadline(self.settings.db_deadline)
             .await
             .inspect_err(|e| self.db_down(e))?
             .rows_affected();
@@ -845,16 +866,20 @@ fn backoff(failures: u32) -> Duration {
     retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5))
 }
 
+/// How long the wake-up listener may go without a notification before it checks its link.
+const LISTENER_CHECK: Duration = Duration::from_secs(30);
+
 async fn listen_for_wakeups(
     pool: PgPool,
     channel: String,
+    deadline: Duration,
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) {
     loop {
         let listener = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(&channel).await?;
+            let mut l = PgListener::connect_with(&pool).deadline(deadline).await?;
+            l.listen(&channel).deadline(deadline).await?;
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = tokio::select! {
@@ -872,6 +897,15 @@ async fn listen_for_wakeups(
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                // Quiet for a while: a listener on a link that stopped answering would wait
+                // for ever, so it must prove it is alive or be replaced.
+                _ = tokio::time::sleep(LISTENER_CHECK) => {
+                    let alive = sqlx::query("SELECT 1").execute(&mut listener).deadline(deadline).await;
+                    if alive.is_err() {
+                        wake.notify_one();
+                        break;
+                    }
+                }
                 n = listener.recv() => match n {
                     Ok(_) => wake.notify_one(),
                     // The listener reconnects on the next recv; notifications sent meanwhile
@@ -912,7 +946,7 @@ const STRANDED_AFTER: Duration = Duration::from_secs(5);
 /// (an advisory lock), so several do not each delete the excess.
 async fn sweep_loop(
     pool: PgPool,
-    client: redis::Client,
+    client: connect::Redis,
     settings: WorkerSettings,
     metrics: WorkerMetrics,
     stats: Arc<Stats>,
@@ -956,6 +990,7 @@ async fn sweep_loop(
     );
     let source = settings.source.name.clone();
     let (retention, cap) = (settings.source.retention, settings.source.max_retained_rows);
+    let d = settings.db_deadline;
     let mut redis: Option<ConnectionManager> = None;
     let mut capped_sweeps = 0u64;
     // The cap stays reported for a while after it last deleted rows, so a status read every
@@ -966,7 +1001,7 @@ async fn sweep_loop(
         let epoch: Option<String> = async {
             let conn = match &mut redis {
                 Some(c) => c,
-                None => redis.insert(connect::redis_manager(&client).await.ok()?),
+                None => redis.insert(client.manager().await.ok()?),
             };
             redis::cmd("GET")
                 .arg(&settings.epoch_key)
@@ -981,6 +1016,7 @@ async fn sweep_loop(
                 stranded = sqlx::query(sqlx::AssertSqlSafe(stranded_sql.as_str()))
                     .bind(epoch)
                     .execute(&pool)
+                    .deadline(d)
                     .await?
                     .rows_affected();
             }
@@ -990,31 +1026,35 @@ async fn sweep_loop(
                         .bind(retention.as_secs_f64())
                         .bind(&table)
                         .fetch_one(&pool)
+                        .deadline(d)
                         .await?;
                 Ok::<_, sqlx::Error>((backlog_figures(row.0, row.1, row.2, row.3), row.4))
             };
             let ((mut backlog, mut retained), first_expired) = read_counts().await?;
             let mut expired = 0;
             if first_expired || retained > i64::try_from(cap).unwrap_or(i64::MAX) {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin().deadline(d).await?;
                 let ours: bool =
                     sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
                         .bind(&lock_key)
                         .fetch_one(&mut *tx)
+                        .deadline(d)
                         .await?;
                 if ours {
                     expired += sqlx::query(sqlx::AssertSqlSafe(expire_sql.as_str()))
                         .bind(retention.as_secs_f64())
                         .execute(&mut *tx)
+                        .deadline(d)
                         .await?
                         .rows_affected();
                     expired += sqlx::query(sqlx::AssertSqlSafe(trim_sql.as_str()))
                         .bind(i64::try_from(cap).unwrap_or(i64::MAX))
                         .execute(&mut *tx)
+                        .deadline(d)
                         .await?
                         .rows_affected();
                 }
-                tx.commit().await?;
+                tx.commit().deadline(d).await?;
                 if expired > 0 {
                     ((backlog, retained), _) = read_counts().await?;
                 }
@@ -1116,7 +1156,7 @@ const CONFIRM_BATCH: usize = 5000;
 /// Postgres), then forgets those confirmations.
 async fn confirm_loop(
     pool: PgPool,
-    client: redis::Client,
+    client: connect::Redis,
     settings: WorkerSettings,
     metrics: WorkerMetrics,
     cancel: CancellationToken,
@@ -1137,7 +1177,7 @@ async fn confirm_loop(
         let pass = async {
             let redis = match &mut conn {
                 Some(c) => c,
-                None => conn.insert(connect::redis_manager(&client).await?),
+                None => conn.insert(client.manager().await?),
             };
             let members = durability::read_confirmed(redis, &key, CONFIRM_BATCH).await?;
             if members.is_empty() {
@@ -1155,6 +1195,7 @@ async fn confirm_loop(
                 .bind(&versions)
                 .bind(&produced)
                 .execute(&pool)
+                .deadline(settings.db_deadline)
                 .await?
                 .rows_affected();
             durability::forget_confirmed(redis, &key, &members).await?;

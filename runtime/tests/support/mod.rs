@@ -84,7 +84,7 @@ impl Stack {
     }
 
     pub fn lazy_pool(&self, url: &str) -> PgPool {
-        widget_runtime::connect::pg_pool(url, 8).expect("pool")
+        widget_runtime::connect::pg_pool(url, 8, &Default::default()).expect("pool")
     }
 }
 
