@@ -675,6 +675,18 @@ screens:
         assert_eq!(c.cache.fallback_ttl, Duration::from_secs(3600));
         assert_eq!(c.reclaim, ReclaimConfig::default());
         assert_eq!(c.sources[0], SourceConfig::named("deals"));
+        // The deadlines the docs state (docs/ingester.md#deadlines).
+        assert_eq!(c.database.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.database.statement_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.database.idle_in_transaction_timeout,
+            Duration::from_secs(60)
+        );
+        assert_eq!(c.database.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.database.keepalive, Duration::from_secs(30));
+        assert_eq!(c.redis.connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.redis.response_timeout, Duration::from_secs(2));
+        assert_eq!(c.redis.keepalive, Duration::from_secs(30));
     }
 
     #[test]
@@ -764,6 +776,20 @@ screens:
             ("reclaim: {interval: 1ns}", "reclaim.interval"),
             ("cache: {ingestTtl: 10s}", "cache.ingestTtl"),
             ("cache: {fallbackTtl: 1ms}", "cache.fallbackTtl"),
+            ("database: {connectTimeout: 1ms}", "database.connectTimeout"),
+            (
+                "database: {statementTimeout: 1ns}",
+                "database.statementTimeout",
+            ),
+            (
+                "database: {idleInTransactionTimeout: 10ms}",
+                "database.idleInTransactionTimeout",
+            ),
+            ("database: {idleTimeout: 1ms}", "database.idleTimeout"),
+            ("database: {keepalive: 100ms}", "database.keepalive"),
+            ("redis: {connectTimeout: 1ms}", "redis.connectTimeout"),
+            ("redis: {responseTimeout: 1us}", "redis.responseTimeout"),
+            ("redis: {keepalive: 1ms}", "redis.keepalive"),
         ] {
             let e = err(&format!(
                 "pipeline: home\n{yaml}\nsources: [{{name: deals}}]\n"

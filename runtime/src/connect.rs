@@ -207,7 +207,9 @@ pub fn pg_pool(
         ("tcp_keepalives_interval", secs(timeouts.keepalive / 3)),
         ("tcp_keepalives_count", "3".to_string()),
     ]);
-    let check = timeouts.connect_timeout;
+    // A quarter of the connect timeout, so a slot is free again well before a caller waiting
+    // for one gives up (the acquire timeout is the connect timeout).
+    let check = timeouts.connect_timeout / 4;
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeouts.connect_timeout)
@@ -218,7 +220,7 @@ pub fn pg_pool(
                     return Ok(true);
                 }
                 // A deadline expired lately: this connection may be one that was cut off on a
-                // dead link. Close it unless it answers within the connect timeout.
+                // dead link. Close it unless it answers at once.
                 use sqlx::Connection;
                 match tokio::time::timeout(check, conn.ping()).await {
                     Ok(Ok(())) => Ok(true),

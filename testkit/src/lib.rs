@@ -39,7 +39,8 @@ fn io(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Io(format!("{context}: {e}"))
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port free right now (another process may still take it before it is used).
+pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io("bind a free port"))?;
     Ok(l.local_addr().map_err(io("local addr"))?.port())
 }

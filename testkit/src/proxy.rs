@@ -15,6 +15,15 @@ use tokio::task::JoinHandle;
 
 use crate::{Error, Result};
 
+/// Which connections are blackholed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hole {
+    None,
+    All,
+    /// Those open when it started; new ones are forwarded.
+    Open,
+}
+
 /// Forwards every connection to `127.0.0.1:<target>`. Dropping it stops listening and closes
 /// every open connection.
 pub struct TcpProxy {
@@ -22,8 +31,7 @@ pub struct TcpProxy {
     /// The target port. Every change, also one that keeps the same port, cuts the open
     /// connections: each connection task watches this channel and drops both of its sockets.
     target: watch::Sender<u16>,
-    /// Whether traffic is blackholed.
-    blackholed: watch::Sender<bool>,
+    blackholed: watch::Sender<Hole>,
     accept: JoinHandle<()>,
 }
 
@@ -38,7 +46,7 @@ impl TcpProxy {
             .map_err(|e| Error::Io(format!("proxy local addr: {e}")))?
             .port();
         let (target, rx) = watch::channel(target_port);
-        let (blackholed, hole) = watch::channel(false);
+        let (blackholed, hole) = watch::channel(Hole::None);
         let accept = tokio::spawn(accept_loop(listener, rx, hole));
         Ok(TcpProxy {
             port,
@@ -75,14 +83,21 @@ impl TcpProxy {
     /// new ones (accepted, never connected through). Nothing is closed or reset: a client
     /// notices only by its own deadlines, as with a failed host or a partition.
     pub fn blackhole(&self) {
-        self.blackholed.send_replace(true);
+        self.blackholed.send_replace(Hole::All);
+    }
+
+    /// Blackholes the connections open now and forwards new ones: a server that died behind
+    /// an address that now leads to a healthy one (a failover), whose old connections are
+    /// never reset. What a client's old connections then hold must not keep it from the new.
+    pub fn blackhole_open_connections(&self) {
+        self.blackholed.send_replace(Hole::Open);
     }
 
     /// Ends the blackhole: the connections it swallowed are closed (their server side is long
     /// gone after a real partition, so the client's next packet meets a reset) and new
     /// connections are forwarded again.
     pub fn restore(&self) {
-        self.blackholed.send_replace(false);
+        self.blackholed.send_replace(Hole::None);
     }
 }
 
@@ -93,7 +108,7 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>, hole: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>, hole: watch::Receiver<Hole>) {
     loop {
         let inbound = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -107,7 +122,7 @@ async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>, hole: watc
         // Read the target and mark this version seen in one step: any later change, also one
         // made while this connection is still being set up, closes it.
         let target = *rx.borrow_and_update();
-        let blackholed = *hole.borrow_and_update();
+        let blackholed = *hole.borrow_and_update() == Hole::All;
         tokio::spawn(async move {
             tokio::select! {
                 _ = connection(inbound, target, blackholed, &mut hole) => {}
@@ -124,7 +139,7 @@ async fn connection(
     mut inbound: TcpStream,
     target: u16,
     blackholed: bool,
-    hole: &mut watch::Receiver<bool>,
+    hole: &mut watch::Receiver<Hole>,
 ) {
     let mut outbound = None;
     if !blackholed {
@@ -139,13 +154,21 @@ async fn connection(
         }
         tokio::select! {
             _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => return,
-            _ = hole.wait_for(|b| *b) => {}
+            // Only a blackhole that starts after this connection was made takes it.
+            _ = async {
+                while hole.changed().await.is_ok() {
+                    if *hole.borrow_and_update() != Hole::None {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await
+            } => {}
         }
         outbound = Some(out);
     }
     tokio::select! {
         _ = swallow(&mut inbound, outbound.as_mut()) => {}
-        _ = hole.wait_for(|b| !*b) => {}
+        _ = hole.wait_for(|h| *h == Hole::None) => {}
     }
 }
 
