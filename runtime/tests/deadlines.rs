@@ -607,3 +607,42 @@ async fn a_pool_gives_up_connections_its_deadlines_cut_off() {
         started.elapsed()
     );
 }
+
+/// A reclaim pass that takes longer than `reclaim.interval` (here: every Redis round trip
+/// slowed to 200 ms against a 100 ms interval) must not be followed at once by the next one,
+/// or new entries would never be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reclaim_pass_longer_than_its_interval_does_not_starve_new_entries() {
+    let stack = Stack::with_config(&CONFIG.replace("interval: 500ms", "interval: 100ms")).await;
+    assert_eq!(stack.config.reclaim.interval, Duration::from_millis(100));
+    let redis_proxy = TcpProxy::start(stack.redis.port())
+        .await
+        .expect("redis proxy");
+    let env = [
+        ("REDIS_URL", redis_url(&redis_proxy)),
+        ("CORE_DATABASE_URL", stack.core_url.clone()),
+    ];
+    let ingester = Component::start("ingester", &["--consumer", "slow"], &env, &stack).await;
+    assert!(
+        ingester
+            .becomes(true, Duration::from_secs(30))
+            .await
+            .is_some(),
+        "ready"
+    );
+    redis_proxy.set_latency(Duration::from_millis(100));
+    xadd_all(
+        &stack,
+        &(0..5)
+            .map(|k| upsert(&format!("deals.w-{k}"), 1))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let core = stack.pool(&stack.core_url).await;
+    assert!(
+        all_stored(&core, 5, 1, Duration::from_secs(20)).await,
+        "new entries are read and applied between overrunning reclaim passes"
+    );
+    let took = ingester.terminate(STOP_WITHIN).await;
+    assert!(took.is_ok(), "{took:?}");
+}

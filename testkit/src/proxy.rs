@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -32,6 +32,8 @@ pub struct TcpProxy {
     /// connections: each connection task watches this channel and drops both of its sockets.
     target: watch::Sender<u16>,
     blackholed: watch::Sender<Hole>,
+    /// Added to every chunk of bytes in each direction.
+    latency: watch::Sender<Duration>,
     accept: JoinHandle<()>,
 }
 
@@ -47,11 +49,13 @@ impl TcpProxy {
             .port();
         let (target, rx) = watch::channel(target_port);
         let (blackholed, hole) = watch::channel(Hole::None);
-        let accept = tokio::spawn(accept_loop(listener, rx, hole));
+        let (latency, delay) = watch::channel(Duration::ZERO);
+        let accept = tokio::spawn(accept_loop(listener, rx, hole, delay));
         Ok(TcpProxy {
             port,
             target,
             blackholed,
+            latency,
             accept,
         })
     }
@@ -82,6 +86,12 @@ impl TcpProxy {
     /// From now on bytes in both directions are read and dropped, on open connections and on
     /// new ones (accepted, never connected through). Nothing is closed or reset: a client
     /// notices only by its own deadlines, as with a failed host or a partition.
+    /// Delays every chunk of bytes by `latency` in each direction (so a request and its
+    /// reply take at least twice that longer), on open and new connections; zero ends it.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency.send_replace(latency);
+    }
+
     pub fn blackhole(&self) {
         self.blackholed.send_replace(Hole::All);
     }
@@ -108,7 +118,12 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>, hole: watch::Receiver<Hole>) {
+async fn accept_loop(
+    listener: TcpListener,
+    rx: watch::Receiver<u16>,
+    hole: watch::Receiver<Hole>,
+    delay: watch::Receiver<Duration>,
+) {
     loop {
         let inbound = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -118,14 +133,14 @@ async fn accept_loop(listener: TcpListener, rx: watch::Receiver<u16>, hole: watc
                 continue;
             }
         };
-        let (mut rx, mut hole) = (rx.clone(), hole.clone());
+        let (mut rx, mut hole, delay) = (rx.clone(), hole.clone(), delay.clone());
         // Read the target and mark this version seen in one step: any later change, also one
         // made while this connection is still being set up, closes it.
         let target = *rx.borrow_and_update();
         let blackholed = *hole.borrow_and_update() == Hole::All;
         tokio::spawn(async move {
             tokio::select! {
-                _ = connection(inbound, target, blackholed, &mut hole) => {}
+                _ = connection(inbound, target, blackholed, &mut hole, &delay) => {}
                 // A new target, `close_connections`, or the proxy was dropped (`Err`).
                 _ = rx.changed() => {}
             }
@@ -140,6 +155,7 @@ async fn connection(
     target: u16,
     blackholed: bool,
     hole: &mut watch::Receiver<Hole>,
+    delay: &watch::Receiver<Duration>,
 ) {
     let mut outbound = None;
     if !blackholed {
@@ -153,7 +169,7 @@ async fn connection(
             return;
         }
         tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => return,
+            _ = copy_both_ways(&mut inbound, &mut out, delay) => return,
             // Only a blackhole that starts after this connection was made takes it.
             _ = async {
                 while hole.changed().await.is_ok() {
@@ -169,6 +185,32 @@ async fn connection(
     tokio::select! {
         _ = swallow(&mut inbound, outbound.as_mut()) => {}
         _ = hole.wait_for(|h| *h == Hole::None) => {}
+    }
+}
+
+/// Like `tokio::io::copy_bidirectional`, with the configured latency before each write.
+async fn copy_both_ways(a: &mut TcpStream, b: &mut TcpStream, delay: &watch::Receiver<Duration>) {
+    let ((mut ar, mut aw), (mut br, mut bw)) = (a.split(), b.split());
+    let _ = tokio::try_join!(pump(&mut ar, &mut bw, delay), pump(&mut br, &mut aw, delay));
+}
+
+async fn pump(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    delay: &watch::Receiver<Duration>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close, as copy_bidirectional does: the other direction may still flow.
+            return to.shutdown().await;
+        }
+        let d = *delay.borrow();
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+        to.write_all(&buf[..n]).await?;
     }
 }
 
@@ -192,6 +234,7 @@ async fn swallow(inbound: &mut TcpStream, outbound: Option<&mut TcpStream>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A server that answers every read with `<name>:` followed by what it read.
@@ -358,6 +401,32 @@ mod tests {
         assert!(is_closed(&mut new).await, "including those made meanwhile");
         let mut after = connect(&proxy).await;
         assert_eq!(ask(&mut after, "5").await, "a:5");
+    }
+
+    #[tokio::test]
+    async fn latency_delays_each_direction() {
+        let a = tagged_echo("a").await;
+        let proxy = TcpProxy::start(a).await.expect("proxy");
+        let mut c = connect(&proxy).await;
+        let fast = Instant::now();
+        assert_eq!(ask(&mut c, "1").await, "a:1");
+        let fast = fast.elapsed();
+        proxy.set_latency(Duration::from_millis(150));
+        let slow = Instant::now();
+        assert_eq!(ask(&mut c, "2").await, "a:2");
+        let slow = slow.elapsed();
+        assert!(
+            slow >= Duration::from_millis(300),
+            "a round trip takes both delays: {slow:?} (without: {fast:?})"
+        );
+        proxy.set_latency(Duration::ZERO);
+        let again = Instant::now();
+        assert_eq!(ask(&mut c, "3").await, "a:3");
+        assert!(
+            again.elapsed() < Duration::from_millis(150),
+            "{:?}",
+            again.elapsed()
+        );
     }
 
     /// The use it is made for: a Redis client behind the proxy follows a failover.
