@@ -188,6 +188,7 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
             )?,
             keepalive: duration("timeouts.redis.keepalive", &spec.timeouts.redis.keepalive)?,
         },
+        identity: None,
     };
     config
         .validate()

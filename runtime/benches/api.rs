@@ -54,7 +54,8 @@ fn config(prefix: &str, fallback_ttl: &str) -> Config {
         .collect();
     Config::from_yaml_str(&format!(
         "pipeline: bench\ncache: {{keyPrefix: \"{prefix}\", fallbackTtl: {fallback_ttl}}}\n\
-         sources: [{{name: deals}}]\nscreens: [{{name: home, widgets: [{}]}}, {{name: me, widgets: [{}]}}]\n",
+         sources: [{{name: deals}}]\nscreens: [{{name: home, widgets: [{}]}}, {{name: me, widgets: [{}]}}]\n\
+         identity: {{mode: query}}\n",
         keys.join(", "),
         personal.join(", ")
     ))

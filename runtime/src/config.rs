@@ -58,7 +58,74 @@ pub struct Config {
     /// Deadlines of every Redis connection.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// Where core-api takes the user of a personalised screen from. Without it, personalised
+    /// widgets are never served (401).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
 }
+
+/// How core-api learns who is asking; see `docs/api.md#identity`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub mode: IdentityMode,
+    /// `header` mode: the request header a trusted gateway sets to the verified user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// `jwt` mode: how tokens are validated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum IdentityMode {
+    /// `Authorization: Bearer <JWT>`, validated by core-api.
+    Jwt,
+    /// A header set by a trusted gateway in front of core-api.
+    Header,
+    /// `?user=ID`, unverified: for local use and demos only.
+    Query,
+}
+
+/// Validation of bearer tokens. The keys are public keys (asymmetric algorithms only, so a
+/// key can never be used to forge a token): a PEM key or a JWKS document, from `keyFile` or
+/// from the `IDENTITY_JWT_KEYS` environment variable (the operator fills it from a Secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required in `aud`.
+    pub audience: String,
+    /// The claim that names the user.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// Accepted `alg` values.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// A PEM public key or a JWKS JSON document, re-read when it changes (a mounted Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "human_duration")]
+    pub leeway: Duration,
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Algorithms a `jwt` identity may accept: public-key signatures only.
+pub const JWT_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -443,6 +510,9 @@ impl Config {
             Duration::from_millis(100),
         )?;
         at_least("redis.keepalive", redis.keepalive, Duration::from_secs(1))?;
+        if let Some(identity) = &self.identity {
+            identity.validate()?;
+        }
         if self.sources.is_empty() {
             return Err(invalid("sources", "at least one source is required"));
         }
@@ -504,6 +574,75 @@ impl Config {
                     )
                 })?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl IdentityConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.mode {
+            IdentityMode::Header => {
+                let Some(h) = &self.header else {
+                    return Err(invalid(
+                        "identity.header",
+                        "mode `header` needs the header name the gateway sets",
+                    ));
+                };
+                if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(invalid(
+                        "identity.header",
+                        format!("`{h}` is not a header name"),
+                    ));
+                }
+                if h.eq_ignore_ascii_case("authorization") || h.eq_ignore_ascii_case("cookie") {
+                    return Err(invalid(
+                        "identity.header",
+                        "must be a header the gateway sets, not one the client sends",
+                    ));
+                }
+            }
+            IdentityMode::Jwt => {
+                let Some(jwt) = &self.jwt else {
+                    return Err(invalid(
+                        "identity.jwt",
+                        "mode `jwt` needs issuer, audience and keys",
+                    ));
+                };
+                if jwt.issuer.is_empty() {
+                    return Err(invalid("identity.jwt.issuer", "must not be empty"));
+                }
+                if jwt.audience.is_empty() {
+                    return Err(invalid("identity.jwt.audience", "must not be empty"));
+                }
+                if jwt.user_claim.is_empty() {
+                    return Err(invalid("identity.jwt.userClaim", "must not be empty"));
+                }
+                if jwt.algorithms.is_empty() {
+                    return Err(invalid("identity.jwt.algorithms", "at least one"));
+                }
+                for (i, alg) in jwt.algorithms.iter().enumerate() {
+                    if !JWT_ALGORITHMS.contains(&alg.as_str()) {
+                        return Err(invalid(
+                            format!("identity.jwt.algorithms[{i}]"),
+                            format!(
+                                "`{alg}` is not accepted; use one of {}",
+                                JWT_ALGORITHMS.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                if jwt.leeway > Duration::from_secs(300) {
+                    return Err(invalid("identity.jwt.leeway", "at most 5m"));
+                }
+            }
+            IdentityMode::Query => {}
+        }
+        if self.mode != IdentityMode::Header && self.header.is_some() {
+            return Err(invalid("identity.header", "only for mode `header`"));
+        }
+        if self.mode != IdentityMode::Jwt && self.jwt.is_some() {
+            return Err(invalid("identity.jwt", "only for mode `jwt`"));
         }
         Ok(())
     }
@@ -810,6 +949,28 @@ screens:
             "pipeline: home\nsources: [{name: deals}]\nscreens: [{name: home, widgets: [\"nodot\"]}]\n",
         );
         assert!(e.contains("screens[0].widgets[0]"), "{e}");
+        for (yaml, field) in [
+            ("identity: {mode: header}", "identity.header"),
+            ("identity: {mode: header, header: authorization}", "identity.header"),
+            ("identity: {mode: header, header: \"bad header\"}", "identity.header"),
+            ("identity: {mode: jwt}", "identity.jwt"),
+            (
+                "identity: {mode: jwt, jwt: {issuer: i, audience: a, algorithms: [HS256]}}",
+                "identity.jwt.algorithms[0]",
+            ),
+            (
+                "identity: {mode: jwt, jwt: {issuer: \"\", audience: a}}",
+                "identity.jwt.issuer",
+            ),
+            ("identity: {mode: query, header: x-user}", "identity.header"),
+        ] {
+            let e = err(&format!(
+                "pipeline: home\n{yaml}\nsources: [{{name: deals}}]\n"
+            ));
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+        let e = err("pipeline: home\nidentity: {mode: cookie}\nsources: [{name: deals}]\n");
+        assert!(e.contains("unknown variant `cookie`"), "{e}");
     }
 
     #[test]

@@ -24,6 +24,8 @@ sources:
 screens:
   - {name: home, widgets: ["deals.top-picks", "deals.hot-deal", "loyalty.points:{user}", "deals.unknown"]}
   - {name: deals, widgets: ["deals.top-picks", "deals.hot-deal"]}
+# These tests are about serving, not identity (that is `--test identity`): `?user=` is trusted.
+identity: {mode: query}
 "#;
 
 async fn start_api(stack: &Stack) -> RunningApi {

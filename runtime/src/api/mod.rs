@@ -14,6 +14,7 @@
 pub mod breaker;
 pub mod error;
 pub mod fetch;
+pub mod identity;
 pub mod metrics;
 pub mod response;
 pub mod screens;
@@ -69,11 +70,19 @@ pub struct ApiSettings {
     /// How often an open circuit's store is probed.
     pub probe_interval: Duration,
     pub stats_interval: Duration,
+    /// Who a request is (`identity` in the config).
+    pub identity: identity::Identity,
 }
 
 impl ApiSettings {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
+    /// The settings of `config`; a `jwt` identity without `keyFile` reads its keys from
+    /// [`identity::KEYS_ENV`].
+    pub fn from_config(config: &Config) -> Result<Self, identity::IdentityError> {
+        let identity = identity::Identity::from_config(
+            config.identity.as_ref(),
+            std::env::var(identity::KEYS_ENV).ok(),
+        )?;
+        Ok(Self {
             screens: config.screens.clone(),
             key_prefix: config.key_prefix(),
             stats_key: config.stats_key(),
@@ -83,7 +92,8 @@ impl ApiSettings {
             failure_threshold: 3,
             probe_interval: Duration::from_millis(500),
             stats_interval: stats::FLUSH_INTERVAL,
-        }
+            identity,
+        })
     }
 }
 
@@ -115,6 +125,8 @@ pub struct Shared {
     pub metrics: metrics::ApiMetrics,
     stats: Arc<Stats>,
     readiness: Readiness,
+    /// The screens' personalised key templates, to guard `/v1/widgets`.
+    pub personal: identity::PersonalKeys,
 }
 
 impl Shared {
@@ -245,6 +257,12 @@ impl ApiState {
             })
             .collect();
         readiness.fail(READY_CHECK, "starting");
+        let personal = identity::PersonalKeys::new(
+            settings
+                .screens
+                .iter()
+                .flat_map(|s| s.widgets.iter().map(String::as_str)),
+        );
         let shared = Shared {
             cache: Cache::new(settings.key_prefix.clone()),
             redis_breaker: Breaker::new(
@@ -258,6 +276,7 @@ impl ApiState {
                 metrics.circuit_gauge("database"),
             ),
             settings,
+            personal,
             screens,
             redis: redis.into(),
             conn: OnceCell::new(),
@@ -412,13 +431,9 @@ pub async fn serve(
     readiness: Readiness,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let api = CoreApi::new(
-        ApiSettings::from_config(config),
-        redis,
-        pool,
-        &mut registry,
-        readiness.clone(),
-    );
+    let settings = ApiSettings::from_config(config)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let api = CoreApi::new(settings, redis, pool, &mut registry, readiness.clone());
     let admin_state = AdminState {
         readiness,
         registry: Arc::new(registry),

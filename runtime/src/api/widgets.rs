@@ -2,10 +2,11 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 
+use super::identity::Identity;
 use super::screens::{dedupe, truncate};
 use super::{ApiError, ApiState, MAX_KEYS};
 use crate::event::WidgetKey;
@@ -48,7 +49,31 @@ pub async fn get_widgets(
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let keys = parse_keys(query.keys.as_deref())?;
-    super::answer(&state.0, None, &keys, &headers).await
+    let shared = &state.0;
+    // A personalised key asked for by name is its owner's only, as on a screen (`query`
+    // mode takes every caller at its word anyway).
+    let owners: Vec<&str> = match shared.settings.identity {
+        Identity::Query => Vec::new(),
+        _ => keys
+            .iter()
+            .filter_map(|k| shared.personal.owner(k))
+            .collect(),
+    };
+    if !owners.is_empty() {
+        let user = shared
+            .settings
+            .identity
+            .user(&headers, None)?
+            .ok_or_else(|| shared.settings.identity.required())?;
+        if owners.iter().any(|o| *o != user) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not_your_widget",
+                "a personalised widget of another user was asked for",
+            ));
+        }
+    }
+    super::answer(shared, None, &keys, &headers).await
 }
 
 #[cfg(test)]
