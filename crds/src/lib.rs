@@ -91,7 +91,7 @@ pub struct WidgetPipelineSpec {
     #[serde(default)]
     pub ingester: ComponentSpec,
     #[serde(default)]
-    pub core_api: ComponentSpec,
+    pub core_api: CoreApiSpec,
     /// Screens the core API serves: an ordered list of widget keys each.
     #[serde(default)]
     #[schemars(length(max = 64))]
@@ -327,6 +327,105 @@ fn default_max_retained_rows() -> u64 {
 }
 
 /// Replicas and resources of the ingester or the core API.
+/// core-api: its Deployment, its HTTP limits and where a request's user comes from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CoreApiSpec {
+    /// Unset: the operator does not manage the Deployment's replicas (leave them to an HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default)]
+    pub http: HttpSpec,
+    /// Without it, personalised widgets are answered with 401.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentitySpec>,
+}
+
+/// Deadlines and limits of core-api's public port.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpSpec {
+    /// A request head must arrive within this; idle keep-alive connections close after it.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub header_timeout: String,
+    /// A request is answered within this, or gets a 503.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub request_timeout: String,
+    /// A client that reads nothing of its answer for this long is cut off.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub write_timeout: String,
+    /// Open connections per pod; past it, new ones get an immediate 503.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: u32,
+    /// Requests in flight per pod; past it, requests are shed with a 503.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_requests: u32,
+}
+
+impl Default for HttpSpec {
+    fn default() -> Self {
+        Self {
+            header_timeout: "10s".into(),
+            request_timeout: "5s".into(),
+            write_timeout: "10s".into(),
+            max_connections: 4096,
+            max_requests: 512,
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum IdentityModeSpec {
+    /// `Authorization: Bearer <JWT>`, validated by core-api.
+    Jwt,
+    /// A header a trusted gateway in front of core-api sets.
+    Header,
+    /// `?user=ID`, unverified: local use only.
+    Query,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.mode != 'jwt' || has(self.jwt)").message("mode jwt needs jwt"),
+    validation = Rule::new("self.mode != 'header' || has(self.header)").message("mode header needs header")
+)]
+pub struct IdentitySpec {
+    pub mode: IdentityModeSpec,
+    /// `header` mode: the header the gateway sets to the verified user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSpec>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtSpec {
+    #[schemars(length(min = 1, max = 512))]
+    pub issuer: String,
+    #[schemars(length(min = 1, max = 512))]
+    pub audience: String,
+    /// The claim that names the user (default `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_claim: Option<String>,
+    /// Accepted `alg` values (default RS256, ES256); public-key algorithms only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub algorithms: Vec<String>,
+    /// The verification keys: a JWKS document or a PEM public key. Rotating the Secret
+    /// restarts core-api's pods.
+    pub keys_secret_ref: SecretKeyRef,
+    /// Clock skew allowed on `exp` and `nbf` (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub leeway: Option<String>,
+}
+
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ComponentSpec {

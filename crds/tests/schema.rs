@@ -281,8 +281,8 @@ fn cel_rules_compile_and_stay_within_the_apiserver_cost_budget() {
     use kube::core::cel::{compile_schema, estimate_rule_cost};
     let mut sites = Vec::new();
     rule_sites(&committed_schema(), &mut sites);
-    // The root rule on metadata.name and the two uniqueness rules.
-    assert_eq!(sites.len(), 3, "{sites:?}");
+    // The root rule on metadata.name, the two uniqueness rules and the identity modes.
+    assert_eq!(sites.len(), 4, "{sites:?}");
     for (schema, rules) in &sites {
         let compiled = compile_schema(schema);
         assert!(
@@ -307,4 +307,34 @@ fn cel_rules_compile_and_stay_within_the_apiserver_cost_budget() {
         .expect("object")
         .remove("maxItems");
     assert!(!estimate_rule_cost(&rules[0], &compile_schema(&unbounded)).is_empty());
+}
+
+#[test]
+fn identity_modes_need_their_settings() {
+    let with_identity = |identity: Value| {
+        let mut wp = sample();
+        wp["spec"]["coreApi"] = json!({"identity": identity});
+        wp
+    };
+    let jwt = json!({"mode": "jwt", "jwt": {"issuer": "https://auth/", "audience": "home",
+        "keysSecretRef": {"name": "jwks", "key": "jwks.json"}}});
+    let wp = with_identity(jwt);
+    assert!(schema_errors(&wp).is_empty(), "{:?}", schema_errors(&wp));
+    let parsed: WidgetPipeline = serde_json::from_value(wp).expect("parses");
+    assert!(parsed.spec.core_api.identity.is_some());
+    let bad = with_identity(json!({"mode": "jwt", "jwt": {"issuer": "i", "audience": "a"}}));
+    assert!(
+        !schema_errors(&bad).is_empty(),
+        "jwt without keys is refused"
+    );
+    let bad = with_identity(json!({"mode": "header"}));
+    assert!(
+        schema_errors(&bad)
+            .iter()
+            .any(|e| e.contains("mode header needs header")),
+        "{:?}",
+        schema_errors(&bad)
+    );
+    let bad = with_identity(json!({"mode": "cookie"}));
+    assert!(!schema_errors(&bad).is_empty(), "unknown mode is refused");
 }

@@ -54,9 +54,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    // The runtime's server: header, request and write deadlines and connection limits, so
+    // slow or idle sockets cannot starve the kubelet's probes.
+    widget_runtime::server::serve(
+        listener,
+        router(state),
+        &widget_runtime::server::admin_limits(),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

@@ -23,10 +23,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
-use widget_crds::{SecretKeyRef, WidgetPipeline};
+use widget_crds::{IdentityModeSpec, SecretKeyRef, WidgetPipeline};
 use widget_runtime::config::{
-    CacheConfig, Config, DatabaseConfig, ReclaimConfig, RedisConfig, ScreenConfig, SourceConfig,
-    StreamConfig, human_duration,
+    CacheConfig, Config, DatabaseConfig, HttpConfig, IdentityConfig, IdentityMode, JwtConfig,
+    ReclaimConfig, RedisConfig, ScreenConfig, SourceConfig, StreamConfig, human_duration,
 };
 
 use crate::{Error, Result};
@@ -188,7 +188,46 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
             )?,
             keepalive: duration("timeouts.redis.keepalive", &spec.timeouts.redis.keepalive)?,
         },
-        identity: None,
+        http: HttpConfig {
+            header_timeout: duration("coreApi.http.headerTimeout", &spec.core_api.http.header_timeout)?,
+            request_timeout: duration(
+                "coreApi.http.requestTimeout",
+                &spec.core_api.http.request_timeout,
+            )?,
+            write_timeout: duration("coreApi.http.writeTimeout", &spec.core_api.http.write_timeout)?,
+            max_connections: spec.core_api.http.max_connections as usize,
+            max_requests: spec.core_api.http.max_requests as usize,
+        },
+        identity: match &spec.core_api.identity {
+            None => None,
+            Some(id) => Some(IdentityConfig {
+                mode: match id.mode {
+                    IdentityModeSpec::Jwt => IdentityMode::Jwt,
+                    IdentityModeSpec::Header => IdentityMode::Header,
+                    IdentityModeSpec::Query => IdentityMode::Query,
+                },
+                header: id.header.clone(),
+                jwt: match &id.jwt {
+                    None => None,
+                    // The keys reach the pod as IDENTITY_JWT_KEYS from the Secret (see render).
+                    Some(j) => Some(JwtConfig {
+                        issuer: j.issuer.clone(),
+                        audience: j.audience.clone(),
+                        user_claim: j.user_claim.clone().unwrap_or_else(|| "sub".into()),
+                        algorithms: if j.algorithms.is_empty() {
+                            vec!["RS256".into(), "ES256".into()]
+                        } else {
+                            j.algorithms.clone()
+                        },
+                        key_file: None,
+                        leeway: match &j.leeway {
+                            Some(l) => duration("coreApi.identity.jwt.leeway", l)?,
+                            None => Duration::from_secs(30),
+                        },
+                    }),
+                },
+            }),
+        },
     };
     config
         .validate()
@@ -309,8 +348,8 @@ struct PodParts {
     source: Option<String>,
     args: Vec<String>,
     env: Vec<EnvVar>,
-    port_name: &'static str,
-    port: i32,
+    /// Named container ports; the probes use `admin`.
+    ports: Vec<(&'static str, i32)>,
     secrets: Vec<SecretKeyRef>,
     replicas: Option<i32>,
     resources: Option<ResourceRequirements>,
@@ -345,14 +384,20 @@ fn deployment(
         command: Some(vec!["widget-runtime".into()]),
         args: Some(args),
         env: Some(parts.env),
-        ports: Some(vec![ContainerPort {
-            name: Some(parts.port_name.into()),
-            container_port: parts.port,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
-        liveness_probe: Some(http_probe("/healthz", parts.port_name, 10, 3)),
-        readiness_probe: Some(http_probe("/readyz", parts.port_name, 5, 2)),
+        ports: Some(
+            parts
+                .ports
+                .iter()
+                .map(|(port_name, port)| ContainerPort {
+                    name: Some((*port_name).into()),
+                    container_port: *port,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                })
+                .collect(),
+        ),
+        liveness_probe: Some(http_probe("/healthz", "admin", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", "admin", 5, 2)),
         resources: parts.resources,
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -494,8 +539,7 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
                     secret_env("REDIS_URL", redis),
                     secret_env("SOURCE_DATABASE_URL", db),
                 ],
-                port_name: "admin",
-                port: ADMIN_PORT,
+                ports: vec![("admin", ADMIN_PORT)],
                 secrets: vec![redis.clone(), db.clone()],
                 replicas: source.replicas,
                 resources: source.resources.clone(),
@@ -516,7 +560,7 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
         ..EnvVar::default()
     };
     let mut args = vec!["--consumer".to_string(), "$(POD_NAME)".into()];
-    args.extend(admin);
+    args.extend(admin.clone());
     deployments.push(deployment(
         &ctx,
         ingester_name(&name),
@@ -530,8 +574,7 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
                 secret_env("REDIS_URL", redis),
                 secret_env("CORE_DATABASE_URL", core_db),
             ],
-            port_name: "admin",
-            port: ADMIN_PORT,
+            ports: vec![("admin", ADMIN_PORT)],
             secrets: vec![redis.clone(), core_db.clone()],
             replicas: spec.ingester.replicas,
             resources: spec.ingester.resources.clone(),
@@ -539,20 +582,35 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
         secrets,
     )?);
 
+    let mut api_env = vec![
+        secret_env("REDIS_URL", redis),
+        secret_env("CORE_DATABASE_URL", core_db),
+    ];
+    let mut api_secrets = vec![redis.clone(), core_db.clone()];
+    if let Some(keys) = spec
+        .core_api
+        .identity
+        .as_ref()
+        .and_then(|i| i.jwt.as_ref())
+        .map(|j| &j.keys_secret_ref)
+    {
+        api_env.push(secret_env(widget_runtime::api::identity::KEYS_ENV, keys));
+        api_secrets.push(keys.clone());
+    }
     deployments.push(deployment(
         &ctx,
         api_name(&name),
         PodParts {
             component: COMPONENT_API,
             source: None,
-            args: vec!["--listen".into(), format!("0.0.0.0:{HTTP_PORT}")],
-            env: vec![
-                secret_env("REDIS_URL", redis),
-                secret_env("CORE_DATABASE_URL", core_db),
-            ],
-            port_name: "http",
-            port: HTTP_PORT,
-            secrets: vec![redis.clone(), core_db.clone()],
+            args: [
+                vec!["--listen".to_string(), format!("0.0.0.0:{HTTP_PORT}")],
+                admin.clone(),
+            ]
+            .concat(),
+            env: api_env,
+            ports: vec![("http", HTTP_PORT), ("admin", ADMIN_PORT)],
+            secrets: api_secrets,
             replicas: spec.core_api.replicas,
             resources: spec.core_api.resources.clone(),
         },

@@ -7,6 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use widget_crds::WidgetPipeline;
 use widget_operator::Error;
@@ -186,6 +187,92 @@ fn timeouts_reach_the_runtime_config_and_too_small_ones_are_invalid() {
 }
 
 #[test]
+fn core_api_serves_admin_routes_on_its_own_port_and_gets_its_identity_keys_from_a_secret() {
+    let mut wp = sample();
+    wp.spec.core_api.identity = Some(widget_crds::IdentitySpec {
+        mode: widget_crds::IdentityModeSpec::Jwt,
+        header: None,
+        jwt: Some(widget_crds::JwtSpec {
+            issuer: "https://auth.example/".into(),
+            audience: "home".into(),
+            user_claim: Some("uid".into()),
+            algorithms: vec!["ES256".into()],
+            keys_secret_ref: widget_crds::SecretKeyRef {
+                name: "jwks".into(),
+                key: "jwks.json".into(),
+            },
+            leeway: Some("10s".into()),
+        }),
+    });
+    wp.spec.core_api.http.max_requests = 64;
+    let r = rendered(&wp);
+    let api = deployment(&r, "home-core-api");
+    let c = container(api);
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--admin-listen", "0.0.0.0:9090"]),
+        "{args:?}"
+    );
+    let ports: Vec<(String, i32)> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("http".to_string(), 8080), ("admin".to_string(), 9090)]
+    );
+    for probe in [&c.liveness_probe, &c.readiness_probe] {
+        let port = &probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("http probe")
+            .port;
+        assert_eq!(
+            *port,
+            IntOrString::String("admin".into()),
+            "probes on the admin port"
+        );
+    }
+    assert!(
+        secret_env(c).contains(&(
+            "IDENTITY_JWT_KEYS".into(),
+            "jwks".into(),
+            "jwks.json".into()
+        )),
+        "{:?}",
+        secret_env(c)
+    );
+    let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
+    let config = Config::from_yaml_str(text).expect("the runtime loads it");
+    let identity = config.identity.expect("identity rendered");
+    let jwt = identity.jwt.expect("jwt");
+    assert_eq!(
+        (jwt.issuer.as_str(), jwt.user_claim.as_str()),
+        ("https://auth.example/", "uid")
+    );
+    assert_eq!(
+        jwt.key_file, None,
+        "keys come from the env, never the ConfigMap"
+    );
+    assert_eq!(config.http.max_requests, 64);
+    // The Service still exposes only the API port.
+    let ports = r
+        .service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        ports[0].target_port,
+        Some(IntOrString::String("http".into()))
+    );
+}
+
+#[test]
 fn omitted_fields_render_the_runtime_defaults() {
     let minimal = r#"
 apiVersion: homewidgets.io/v1alpha1
@@ -293,6 +380,8 @@ fn containers_run_the_runtime_cli_with_secret_env_probes_and_a_locked_down_conte
             "/etc/widget-runtime/config.yaml",
             "--listen",
             "0.0.0.0:8080",
+            "--admin-listen",
+            "0.0.0.0:9090",
             "--log-format",
             "json"
         ]
@@ -326,6 +415,9 @@ fn containers_run_the_runtime_cli_with_secret_env_probes_and_a_locked_down_conte
             .expect("readiness");
         assert_eq!(live.path.as_deref(), Some("/healthz"));
         assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        // Every component, core-api included, answers probes on its admin port.
+        assert_eq!(live.port, IntOrString::String("admin".into()));
+        assert_eq!(ready.port, IntOrString::String("admin".into()));
         let sc = c.security_context.as_ref().expect("security context");
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.run_as_user, Some(65532));

@@ -379,7 +379,10 @@ async fn start_api(
             &config,
             redis,
             pool,
-            listener,
+            api::Listeners {
+                api: listener,
+                admin: None,
+            },
             Registry::default(),
             Readiness::default(),
             cancel,

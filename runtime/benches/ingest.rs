@@ -464,7 +464,10 @@ async fn rewarm(pg: &PgServer, redis: &RedisServer, widgets: usize) -> Rewarm {
                 &config,
                 client,
                 pool,
-                listener,
+                widget_runtime::api::Listeners {
+                    api: listener,
+                    admin: None,
+                },
                 Registry::default(),
                 Readiness::default(),
                 stop,

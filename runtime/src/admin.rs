@@ -92,8 +92,11 @@ async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, axum::Json(json!({"status": "ok"})))
 }
 
+/// Names the failing checks (`database`, `redis`, ...) and nothing more: the reasons are
+/// driver errors with host names and users in them, which belong in the logs (each component
+/// logs them as they happen), not in a body any prober can read.
 async fn readyz(State(s): State<AdminState>) -> Response {
-    let failing = s.readiness.failing();
+    let failing: Vec<String> = s.readiness.failing().into_keys().collect();
     if failing.is_empty() {
         (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response()
     } else {
@@ -126,9 +129,7 @@ pub async fn serve(
     app: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await
+    crate::server::serve(listener, app, &crate::server::admin_limits(), cancel).await
 }
 
 #[cfg(test)]

@@ -58,10 +58,45 @@ pub struct Config {
     /// Deadlines of every Redis connection.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// Deadlines and limits of core-api's HTTP port.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Where core-api takes the user of a personalised screen from. Without it, personalised
     /// widgets are never served (401).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityConfig>,
+}
+
+/// Deadlines and limits of an HTTP port; see [`crate::server`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// A request head must arrive whole within this; idle keep-alive connections are closed
+    /// after it. Keep a load balancer's idle timeout below it.
+    #[serde(with = "human_duration")]
+    pub header_timeout: Duration,
+    /// A request is answered within this, or gets a 503.
+    #[serde(with = "human_duration")]
+    pub request_timeout: Duration,
+    /// A client that reads nothing of its answer for this long is cut off.
+    #[serde(with = "human_duration")]
+    pub write_timeout: Duration,
+    /// Open connections; past it, new ones get an immediate 503 and are closed.
+    pub max_connections: usize,
+    /// Requests in flight; past it, requests are shed at once with a 503 (never queued).
+    pub max_requests: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_requests: 512,
+        }
+    }
 }
 
 /// How core-api learns who is asking; see `docs/api.md#identity`.
@@ -513,6 +548,30 @@ impl Config {
         if let Some(identity) = &self.identity {
             identity.validate()?;
         }
+        let http = &self.http;
+        at_least(
+            "http.headerTimeout",
+            http.header_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "http.requestTimeout",
+            http.request_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "http.writeTimeout",
+            http.write_timeout,
+            Duration::from_millis(100),
+        )?;
+        for (field, n) in [
+            ("http.maxConnections", http.max_connections),
+            ("http.maxRequests", http.max_requests),
+        ] {
+            if !(1..=1_000_000).contains(&n) {
+                return Err(invalid(field, format!("must be 1-1000000, got {n}")));
+            }
+        }
         if self.sources.is_empty() {
             return Err(invalid("sources", "at least one source is required"));
         }
@@ -951,8 +1010,14 @@ screens:
         assert!(e.contains("screens[0].widgets[0]"), "{e}");
         for (yaml, field) in [
             ("identity: {mode: header}", "identity.header"),
-            ("identity: {mode: header, header: authorization}", "identity.header"),
-            ("identity: {mode: header, header: \"bad header\"}", "identity.header"),
+            (
+                "identity: {mode: header, header: authorization}",
+                "identity.header",
+            ),
+            (
+                "identity: {mode: header, header: \"bad header\"}",
+                "identity.header",
+            ),
             ("identity: {mode: jwt}", "identity.jwt"),
             (
                 "identity: {mode: jwt, jwt: {issuer: i, audience: a, algorithms: [HS256]}}",

@@ -98,7 +98,19 @@ pub async fn run(
     });
     let c = cancel.clone();
     tasks.spawn(async move {
-        api::serve(&config, redis, core, listener, registry, readiness, c).await?;
+        api::serve(
+            &config,
+            redis,
+            core,
+            api::Listeners {
+                api: listener,
+                admin: None,
+            },
+            registry,
+            readiness,
+            c,
+        )
+        .await?;
         Ok("core-api")
     });
 

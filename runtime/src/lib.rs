@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod outbox;
 pub mod repair;
 pub mod retry;
+pub mod server;
 pub mod shutdown;
 pub mod stats;
 pub mod store;

@@ -43,7 +43,7 @@ enum Command {
     OutboxWorker(OutboxWorkerArgs),
     /// Consume the pipeline's stream into the core database and the hot cache.
     Ingester(IngesterArgs),
-    /// Serve the home API (and /healthz, /readyz, /metrics on the same port).
+    /// Serve the home API (and /healthz, /readyz, /metrics on the admin port).
     CoreApi(CoreApiArgs),
     /// Run migrations, every outbox-worker, the ingester and the core API in one process.
     Dev(DevArgs),
@@ -182,6 +182,9 @@ struct CoreApiArgs {
     /// Where the API (and its /healthz, /readyz, /metrics) is served.
     #[arg(long, default_value = "0.0.0.0:8080", env = "LISTEN")]
     listen: SocketAddr,
+    /// Where /healthz, /readyz and /metrics are served (never on the public port).
+    #[arg(long, default_value = "0.0.0.0:9090", env = "ADMIN_LISTEN")]
+    admin_listen: SocketAddr,
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis_url: String,
     #[arg(long, env = "CORE_DATABASE_URL", hide_env_values = true)]
@@ -318,12 +321,16 @@ async fn main() -> anyhow::Result<()> {
             let pool = connect::pg_pool(&args.core_database_url, 16, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
             let listener = bind(args.listen).await?;
+            let admin = bind(args.admin_listen).await?;
             let cancel = shutdown::on_signal();
             api::serve(
                 &config,
                 redis,
                 pool,
-                listener,
+                api::Listeners {
+                    api: listener,
+                    admin: Some(admin),
+                },
                 Registry::default(),
                 Readiness::default(),
                 cancel,

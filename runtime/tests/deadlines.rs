@@ -48,6 +48,8 @@ struct Component {
     child: tokio::process::Child,
     /// Where its /readyz is served.
     admin: String,
+    /// core-api's public port.
+    public: String,
     _dir: tempfile::TempDir,
 }
 
@@ -56,19 +58,17 @@ impl Component {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, stack.config.to_yaml()).expect("write config");
-        let port = testkit::free_port().expect("port");
-        let admin = format!("127.0.0.1:{port}");
-        let listen_flag = if command == "core-api" {
-            "--listen"
-        } else {
-            "--admin-listen"
-        };
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
-            .arg(command)
-            .args(args)
+        let admin = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+        let public = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+        let mut command_line = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"));
+        command_line.arg(command).args(args);
+        if command == "core-api" {
+            command_line.arg("--listen").arg(&public);
+        }
+        let child = command_line
             .arg("--config")
             .arg(&config)
-            .arg(listen_flag)
+            .arg("--admin-listen")
             .arg(&admin)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "warn")
@@ -78,6 +78,7 @@ impl Component {
         Component {
             child,
             admin,
+            public,
             _dir: dir,
         }
     }
@@ -491,7 +492,7 @@ async fn core_api_deadlines_on_blackholed_redis_and_core_database() {
     );
     // Traffic, as in production: the circuit breakers learn from requests.
     let traffic = {
-        let addr = api.admin.clone();
+        let addr = api.public.clone();
         tokio::spawn(async move {
             loop {
                 let _ = http_get(&addr, "/v1/screens/home", &[]).await;
@@ -500,7 +501,7 @@ async fn core_api_deadlines_on_blackholed_redis_and_core_database() {
         })
     };
     let screen_from = |source: &'static str| {
-        let addr = api.admin.clone();
+        let addr = api.public.clone();
         async move {
             eventually(Duration::from_secs(15), || async {
                 let r = http_get(&addr, "/v1/screens/home", &[]).await?;
@@ -534,7 +535,7 @@ async fn core_api_deadlines_on_blackholed_redis_and_core_database() {
         // Three failed requests open the database circuit; each waits the 1 s request budget.
         Duration::from_secs(3),
     );
-    let r = http_get(&api.admin, "/v1/screens/home", &[])
+    let r = http_get(&api.public, "/v1/screens/home", &[])
         .await
         .expect("an answer");
     assert_eq!(

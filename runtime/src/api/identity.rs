@@ -190,13 +190,18 @@ struct Key {
     key: DecodingKey,
 }
 
+/// A `keyFile`, with the modification time of the version loaded and when it was last checked.
+struct KeyFile {
+    path: PathBuf,
+    seen: RwLock<(Option<SystemTime>, std::time::Instant)>,
+}
+
 /// Validates bearer tokens against the configured issuer, audience and keys.
 pub struct JwtVerifier {
     validation: Validation,
     user_claim: String,
     keys: RwLock<Arc<Vec<Key>>>,
-    /// The key file and the modification time of the version loaded.
-    file: Option<(PathBuf, RwLock<(Option<SystemTime>, std::time::Instant)>)>,
+    file: Option<KeyFile>,
     check_every: Duration,
 }
 
@@ -218,8 +223,11 @@ impl JwtVerifier {
         let (keys, file) = match &config.key_file {
             Some(path) => {
                 let (keys, modified) = read_key_file(path)?;
-                let state = RwLock::new((modified, std::time::Instant::now()));
-                (keys, Some((path.clone(), state)))
+                let file = KeyFile {
+                    path: path.clone(),
+                    seen: RwLock::new((modified, std::time::Instant::now())),
+                };
+                (keys, Some(file))
             }
             None => {
                 let text = env_keys
@@ -289,7 +297,7 @@ impl JwtVerifier {
     /// Re-reads the key file (at most every [`KEY_FILE_CHECK`]) when its modification time
     /// changed; a file that no longer parses keeps the keys loaded before, loudly.
     fn reload_if_changed(&self) {
-        let Some((path, state)) = &self.file else {
+        let Some(KeyFile { path, seen: state }) = &self.file else {
             return;
         };
         let due = state

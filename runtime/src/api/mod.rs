@@ -4,7 +4,7 @@
 //! ```text
 //! GET /v1/screens/{screen}[?user=ID]   the screen's configured widgets, in order
 //! GET /v1/widgets?keys=k1,k2,...       an explicit list (at most 100 keys)
-//! GET /healthz /readyz /metrics        on the same port
+//! GET /healthz /readyz /metrics        on the admin port (`--admin-listen`)
 //! ```
 //!
 //! Both answer `{"widgets":[...],"missing":[...]}` (`"screen"` too for screens), with a weak
@@ -70,6 +70,8 @@ pub struct ApiSettings {
     /// How often an open circuit's store is probed.
     pub probe_interval: Duration,
     pub stats_interval: Duration,
+    /// Deadlines and limits of the API's port (`http` in the config).
+    pub http: crate::config::HttpConfig,
     /// Who a request is (`identity` in the config).
     pub identity: identity::Identity,
 }
@@ -92,6 +94,7 @@ impl ApiSettings {
             failure_threshold: 3,
             probe_interval: Duration::from_millis(500),
             stats_interval: stats::FLUSH_INTERVAL,
+            http: config.http.clone(),
             identity,
         })
     }
@@ -358,19 +361,29 @@ impl CoreApi {
         self.state.clone()
     }
 
-    /// API and admin routes on one router.
-    pub fn app(&self, admin_state: AdminState) -> Router {
-        router(self.state.clone()).merge(admin::router(admin_state))
-    }
-
     /// Serves until `cancel` fires, with the breaker probes and the stats flusher beside it.
+    /// The admin routes (/healthz, /readyz, /metrics) are served on `admin` when given, so an
+    /// Ingress routing the API's port to the internet does not expose them; without it (`dev`,
+    /// tests) they share the API's port.
     pub async fn run(
         self,
         listener: tokio::net::TcpListener,
+        admin: Option<tokio::net::TcpListener>,
         admin_state: AdminState,
         cancel: CancellationToken,
     ) -> std::io::Result<()> {
-        let app = self.app(admin_state);
+        let admin_routes = admin::router(admin_state);
+        let (app, admin_server) = match admin {
+            Some(admin_listener) => (
+                router(self.state.clone()),
+                Some(tokio::spawn(admin::serve(
+                    admin_listener,
+                    admin_routes,
+                    cancel.clone(),
+                ))),
+            ),
+            None => (router(self.state.clone()).merge(admin_routes), None),
+        };
         let shared = self.state.0.clone();
         let background = cancel.child_token();
         let [redis_prober, db_prober] = [Store::Redis, Store::Database].map(|store| {
@@ -389,10 +402,14 @@ impl CoreApi {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "core-api listening");
         }
-        let served = admin::serve(listener, app, cancel.clone()).await;
+        let limits = self.state.0.settings.http.clone();
+        let served = crate::server::serve(listener, app, &limits, cancel.clone()).await;
         background.cancel();
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(admin) = admin_server {
+            admin.await.map_err(std::io::Error::other)??;
         }
         served
     }
@@ -422,11 +439,18 @@ async fn flush_stats(shared: Arc<Shared>, cancel: CancellationToken) {
 
 /// Builds the API from the config and serves it (with /healthz, /readyz, /metrics) on
 /// `listener` until `cancel` fires. `registry` may already hold other components' metrics.
+/// Where core-api listens: its public port, and the admin routes' own port (`None`: beside
+/// the API, for `dev` and tests).
+pub struct Listeners {
+    pub api: tokio::net::TcpListener,
+    pub admin: Option<tokio::net::TcpListener>,
+}
+
 pub async fn serve(
     config: &Config,
     redis: impl Into<connect::Redis>,
     pool: PgPool,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     mut registry: Registry,
     readiness: Readiness,
     cancel: CancellationToken,
@@ -438,7 +462,8 @@ pub async fn serve(
         readiness,
         registry: Arc::new(registry),
     };
-    api.run(listener, admin_state, cancel).await
+    api.run(listeners.api, listeners.admin, admin_state, cancel)
+        .await
 }
 
 /// Looks the keys up and renders the answer; 503 only when no store answered.

@@ -225,7 +225,10 @@ pub async fn start_api_on(stack: &Stack, redis_url: &str) -> RunningApi {
             &config,
             redis,
             pool,
-            listener,
+            widget_runtime::api::Listeners {
+                api: listener,
+                admin: None,
+            },
             prometheus_client::registry::Registry::default(),
             widget_runtime::admin::Readiness::default(),
             c,
