@@ -55,6 +55,10 @@ const DURATION_PATTERN: &str = "^([0-9]+(ns|us|ms|s|m|h|d))+$";
     cel,
     validation = Rule::new("size(self.metadata.name) <= 40 && self.metadata.name.matches('^[a-z]([a-z0-9-]*[a-z0-9])?$')")
         .message("metadata.name must be 1-40 characters of a-z, 0-9 and '-', starting with a letter"),
+    // Worker Deployments are `<pipeline>-outbox-<source>`: a pipeline named `a-outbox...` could
+    // render the same name as one of pipeline `a`'s workers (or its ingester or core-api).
+    validation = Rule::new("!self.metadata.name.matches('-outbox(-|$)')")
+        .message("metadata.name must not contain the segment '-outbox' (reserved for worker Deployments)"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Sources", type_ = "integer", json_path = ".status.sources"),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.live.lag"),

@@ -338,3 +338,24 @@ fn identity_modes_need_their_settings() {
     let bad = with_identity(json!({"mode": "cookie"}));
     assert!(!schema_errors(&bad).is_empty(), "unknown mode is refused");
 }
+
+#[test]
+fn a_name_with_the_reserved_outbox_segment_is_refused() {
+    for (name, ok) in [
+        ("a-outbox", false),
+        ("a-outbox-b", false),
+        ("outboxes", true),
+        ("a-outboxes", true),
+    ] {
+        let mut wp = sample();
+        wp["metadata"]["name"] = json!(name);
+        let errors = schema_errors(&wp);
+        assert_eq!(errors.is_empty(), ok, "{name}: {errors:?}");
+        if !ok {
+            assert!(
+                errors.iter().any(|e| e.contains("'-outbox'")),
+                "{name}: {errors:?}"
+            );
+        }
+    }
+}

@@ -31,7 +31,7 @@ use widget_crds::{WidgetPipeline, WidgetPipelineStatus, condition};
 use crate::metrics::Metrics;
 use crate::render::{self, LABEL_PIPELINE, SecretVersions};
 use crate::status::{self, Observed, Problems};
-use crate::{Error, FIELD_MANAGER, Result, probe, quantity};
+use crate::{Error, FIELD_MANAGER, Result, probe, quantity, tenancy};
 
 /// Default period of the live refresh.
 pub const REFRESH: Duration = Duration::from_secs(15);
@@ -200,26 +200,55 @@ where
         .collect())
 }
 
-/// Applies `desired` when it differs from `live`; returns the object as the server has it.
+/// Applies `desired` when it differs from `live` (this pipeline's child of that name, if any);
+/// returns the object as the server has it. An object of that name that belongs to someone
+/// else (another pipeline, or nobody) is left alone and reported as `NameConflict`: forcing it
+/// would take it over, and a failing apply must not stop the rest of the pipeline.
 async fn apply<K>(
     api: &Api<K>,
     desired: &K,
     live: Option<&K>,
     ctx: &Context,
     applied: &mut Vec<String>,
-) -> Result<K>
+    problems: &mut Problems,
+) -> Result<Option<K>>
 where
-    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
 {
     if let Some(live) = live.filter(|_| !needs_apply(desired, live).unwrap_or(true)) {
-        return Ok(live.clone());
+        return Ok(Some(live.clone()));
     }
     let name = desired.meta().name.clone().unwrap_or_default();
+    if live.is_none()
+        && let Some(existing) = api.get_opt(&name).await?
+        && !desired
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|want| {
+                existing
+                    .meta()
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|r| r.uid == want.uid && r.controller == Some(true))
+            })
+    {
+        problems.push(
+            "NameConflict",
+            format!(
+                "{} {name} exists and belongs to someone else; it is left alone",
+                K::kind(&())
+            ),
+        );
+        return Ok(None);
+    }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let obj = api.patch(&name, &pp, &Patch::Apply(desired)).await?;
     ctx.metrics.applies.inc();
     applied.push(name);
-    Ok(obj)
+    Ok(Some(obj))
 }
 
 struct SecretReadings {
@@ -309,16 +338,29 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
 
     let secrets = read_secrets(wp, &Api::namespaced(client.clone(), &ns), &mut problems).await?;
     let rendered = render::render(wp, &secrets.versions)?;
-    let expected: Vec<String> = rendered.deployments.iter().map(|d| d.name_any()).collect();
+    let conflict = match &secrets.redis_url {
+        Some(url) => claim_names(wp, &ns, url, &rendered.config, ctx).await,
+        None => None,
+    };
+    if let Some(message) = &conflict {
+        problems.push("Conflict", message.clone());
+    }
+    // A pipeline refused for a conflict runs nothing: its workers would write into another
+    // pipeline's stream, its API serve another pipeline's cache.
+    let expected: Vec<String> = match conflict {
+        Some(_) => Vec::new(),
+        None => rendered.deployments.iter().map(|d| d.name_any()).collect(),
+    };
 
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let mut live_deployments = children(&deployments, wp).await?;
+    let existing = children(&deployments, wp).await?;
+    let mut live_deployments = existing.clone();
 
-    if !wp.spec.paused {
+    let mut applied = Vec::new();
+    if !wp.spec.paused && conflict.is_none() {
         let live_cms = children(&config_maps, wp).await?;
         let live_svcs = children(&services, wp).await?;
-        let mut applied = Vec::new();
         let find =
             |list: &[ConfigMap], name: &str| list.iter().find(|o| o.name_any() == name).cloned();
         let live_cm = find(&live_cms, &rendered.config_map.name_any());
@@ -328,6 +370,7 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
             live_cm.as_ref(),
             ctx,
             &mut applied,
+            &mut problems,
         )
         .await?;
         let mut after = Vec::with_capacity(rendered.deployments.len());
@@ -335,15 +378,35 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
             let live = live_deployments
                 .iter()
                 .find(|d| d.name_any() == desired.name_any());
-            after.push(apply(&deployments, desired, live, ctx, &mut applied).await?);
+            let applied_one = apply(
+                &deployments,
+                desired,
+                live,
+                ctx,
+                &mut applied,
+                &mut problems,
+            )
+            .await?;
+            after.extend(applied_one);
         }
         let live_svc = live_svcs
             .iter()
             .find(|s| s.name_any() == rendered.service.name_any());
-        apply(&services, &rendered.service, live_svc, ctx, &mut applied).await?;
+        apply(
+            &services,
+            &rendered.service,
+            live_svc,
+            ctx,
+            &mut applied,
+            &mut problems,
+        )
+        .await?;
+        live_deployments = after;
+    }
 
+    if !wp.spec.paused {
         let mut pruned = Vec::new();
-        for stale in live_deployments
+        for stale in existing
             .iter()
             .filter(|d| !expected.contains(&d.name_any()))
         {
@@ -372,20 +435,26 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
                 wp,
                 EventType::Normal,
                 "Pruned",
-                format!("deleted {} (source removed)", pruned.join(", ")),
+                match conflict {
+                    Some(_) => format!("deleted {} (Conflict: see the status)", pruned.join(", ")),
+                    None => format!("deleted {} (source removed)", pruned.join(", ")),
+                },
             )
             .await;
         }
-        live_deployments = after;
+        live_deployments.retain(|d| expected.contains(&d.name_any()));
     }
 
     let live = match &secrets.redis_url {
+        // A conflicting pipeline's stream and stats are another pipeline's figures.
+        Some(_) if conflict.is_some() => None,
         Some(url) => match probe::probe(url, &rendered.config).await {
             Ok(live) => {
                 status::live_problems(&live, &mut problems);
                 Some(live)
             }
             Err(e) => {
+                tracing::warn!(pipeline = %key(wp), error = %e.detail, "probe failed");
                 problems.push(
                     "RedisUnreachable",
                     format!("cannot read stats from Redis: {e}"),
@@ -407,6 +476,56 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
     )
     .await?;
     Ok(Action::requeue(ctx.refresh))
+}
+
+/// Claims the pipeline's stream and cache prefix on its Redis ([`tenancy`]); returns why the
+/// pipeline is refused, if another live pipeline holds them. A Redis that cannot be reached is
+/// not a conflict (the probe reports it).
+async fn claim_names(
+    wp: &WidgetPipeline,
+    ns: &str,
+    url: &str,
+    config: &widget_runtime::config::Config,
+    ctx: &Context,
+) -> Option<String> {
+    let owner = tenancy::Owner {
+        namespace: ns.to_string(),
+        name: wp.name_any(),
+        uid: wp.uid().unwrap_or_default(),
+    };
+    let (held, by) = match tenancy::claim(url, config, &owner, false).await {
+        Ok(tenancy::Claim::Ours) => return None,
+        Ok(tenancy::Claim::Taken { key, by }) => (key, by),
+        Err(e) => {
+            tracing::debug!(pipeline = %key(wp), error = %e.detail, "claim failed");
+            return None;
+        }
+    };
+    // The claimant may be gone (deleted, or re-created with a new uid): then the names are free.
+    let alive = if by.namespace.is_empty() {
+        true
+    } else {
+        let api: Api<WidgetPipeline> = Api::namespaced(ctx.client.clone(), &by.namespace);
+        match api.get_opt(&by.name).await {
+            Ok(Some(other)) => other.uid().as_deref() == Some(by.uid.as_str()),
+            Ok(None) => false,
+            // Not allowed to look (a namespaced install) or not answered: assume it lives.
+            Err(_) => true,
+        }
+    };
+    if !alive && tenancy::claim(url, config, &owner, true).await.is_ok() {
+        tracing::info!(pipeline = %key(wp), previous = %by, "took over names of a pipeline that is gone");
+        return None;
+    }
+    let held_by = if by.namespace.is_empty() {
+        "something other than a pipeline".to_string()
+    } else {
+        format!("pipeline {by}")
+    };
+    Some(format!(
+        "`{held}` on this pipeline's Redis is held by {held_by}: set a distinct stream.name and \
+         cache.keyPrefix (the defaults are unique per namespace and name)"
+    ))
 }
 
 /// Builds the status and patches it (server-side apply on the status subresource) when it

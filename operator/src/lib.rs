@@ -16,6 +16,7 @@ pub mod probe;
 pub mod quantity;
 pub mod render;
 pub mod status;
+pub mod tenancy;
 
 pub use error::{Error, Result};
 

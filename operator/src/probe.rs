@@ -16,13 +16,37 @@ use widget_runtime::stats::field;
 /// Connect and response timeout of a probe; a probe never holds up a reconcile for longer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why a probe failed: a reason code for the status (which any reader of the pipeline sees),
+/// and the driver's own text for the operator's log only. The status never carries the raw
+/// error: it names hosts and ports, which would make the probe a port scanner for anyone who
+/// can write a pipeline's Redis URL.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ProbeError(String);
+#[error("{reason}")]
+pub struct ProbeError {
+    pub reason: &'static str,
+    pub detail: String,
+}
 
 impl From<redis::RedisError> for ProbeError {
     fn from(e: redis::RedisError) -> Self {
-        ProbeError(e.to_string())
+        use redis::ErrorKind;
+        let reason = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connection_refusal() {
+            "connection refused"
+        } else {
+            match e.kind() {
+                ErrorKind::AuthenticationFailed => "authentication failed",
+                ErrorKind::InvalidClientConfig => "invalid Redis URL",
+                ErrorKind::Io => "connection failed",
+                _ if e.is_unrecoverable_error() => "connection failed",
+                _ => "a command was refused",
+            }
+        };
+        ProbeError {
+            reason,
+            detail: e.to_string(),
+        }
     }
 }
 

@@ -88,6 +88,36 @@ pub const MIN_RETENTION: Duration = Duration::from_secs(60);
 /// Smallest `sources[].maxRetainedRows` (also the CRD schema's minimum).
 pub const MIN_RETAINED_ROWS: u64 = 1000;
 
+/// Whether a pipeline name has `-outbox` as a whole segment (also refused by the CRD's CEL
+/// rule): such a name could render the Deployment name of another pipeline's worker.
+pub fn has_reserved_segment(name: &str) -> bool {
+    name.contains("-outbox-") || name.ends_with("-outbox")
+}
+
+/// The pipeline's stream name and cache key prefix: as given in the spec, otherwise derived
+/// from namespace and name, so two teams' pipelines of the same name on a shared Redis never
+/// share a stream (splitting each other's events) or a cache (serving each other's widgets).
+pub fn tenant_names(wp: &WidgetPipeline) -> (String, String) {
+    let name = wp.name_any();
+    let scope = match wp.namespace() {
+        Some(ns) if !ns.is_empty() => format!("{ns}.{name}"),
+        _ => name.clone(),
+    };
+    let stream = wp
+        .spec
+        .stream
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{scope}.widget-events"));
+    let prefix = wp
+        .spec
+        .cache
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| format!("hw:{}:", scope.replace('.', ":")));
+    (stream, prefix)
+}
+
 /// The runtime's config for this pipeline, validated by the runtime's own rules and the bounds
 /// above (the operator's own, so a spec outside them is `InvalidSpec` whatever the runtime
 /// version accepts).
@@ -96,15 +126,22 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
     let duration = |field: &str, text: &str| {
         human_duration::parse(text).map_err(|e| Error::InvalidSpec(format!("{field}: {e}")))
     };
+    let name = wp.name_any();
+    if has_reserved_segment(&name) {
+        return Err(Error::InvalidSpec(format!(
+            "metadata.name `{name}` contains the segment `-outbox`, reserved for worker Deployments"
+        )));
+    }
+    let (stream_name, key_prefix) = tenant_names(wp);
     let config = Config {
-        pipeline: wp.name_any(),
+        pipeline: name,
         stream: StreamConfig {
-            name: spec.stream.name.clone(),
+            name: Some(stream_name),
             consumer_group: spec.stream.consumer_group.clone(),
             max_length: spec.stream.max_length,
         },
         cache: CacheConfig {
-            key_prefix: spec.cache.key_prefix.clone(),
+            key_prefix: Some(key_prefix),
             ingest_ttl: duration("cache.ingestTtl", &spec.cache.ingest_ttl)?,
             fallback_ttl: duration("cache.fallbackTtl", &spec.cache.fallback_ttl)?,
             warm_rate: spec.cache.warm_rate,

@@ -180,7 +180,7 @@ impl Run {
         let s = self
             .seen
             .iter()
-            .find(|s| s.path.ends_with(path))
+            .find(|s| s.method == Method::PATCH && s.path.ends_with(path))
             .unwrap_or_else(|| panic!("{path} was not applied"));
         as_stored(s.body.clone())
     }
@@ -289,40 +289,25 @@ fn list_steps(deployments: Vec<Value>, config_maps: Vec<Value>, services: Vec<Va
 
 const APPLY: &str = "fieldManager=widget-operator&force=true";
 
+/// The first apply of every child: each name is looked up first (an object of that name that
+/// belongs to someone else is left alone), then applied.
 fn apply_steps(sources: &[&str]) -> Vec<Step> {
-    let mut steps = vec![step(
-        Method::PATCH,
-        format!("{NS_PATH}/configmaps/home-runtime-config"),
-        APPLY,
-        Reply::Echo,
-    )];
+    let mut paths = vec![format!("{NS_PATH}/configmaps/home-runtime-config")];
     for s in sources {
-        steps.push(step(
-            Method::PATCH,
-            format!("{APPS_PATH}/deployments/home-outbox-{s}"),
-            APPLY,
-            Reply::Echo,
-        ));
+        paths.push(format!("{APPS_PATH}/deployments/home-outbox-{s}"));
     }
-    steps.push(step(
-        Method::PATCH,
-        format!("{APPS_PATH}/deployments/home-ingester"),
-        APPLY,
-        Reply::Echo,
-    ));
-    steps.push(step(
-        Method::PATCH,
-        format!("{APPS_PATH}/deployments/home-core-api"),
-        APPLY,
-        Reply::Echo,
-    ));
-    steps.push(step(
-        Method::PATCH,
-        format!("{NS_PATH}/services/home-core-api"),
-        APPLY,
-        Reply::Echo,
-    ));
-    steps
+    paths.push(format!("{APPS_PATH}/deployments/home-ingester"));
+    paths.push(format!("{APPS_PATH}/deployments/home-core-api"));
+    paths.push(format!("{NS_PATH}/services/home-core-api"));
+    paths
+        .into_iter()
+        .flat_map(|path| {
+            [
+                step(Method::GET, path.clone(), "", Reply::NotFound),
+                step(Method::PATCH, path, APPLY, Reply::Echo),
+            ]
+        })
+        .collect()
 }
 
 fn event_step() -> Step {
@@ -876,4 +861,185 @@ fn resources_compare_by_value_as_the_apiserver_rewrites_them() {
         &json!({"env": [{"value": "1000m"}]}),
         &json!({"env": [{"value": "1"}]})
     ));
+}
+
+/// Holds this pipeline's stream and cache prefix on `redis` for `owner` (as the operator of
+/// another pipeline would have claimed them).
+async fn claim_for(redis: &RedisServer, owner: &str) {
+    let config = widget_operator::render::runtime_config(&pipeline()).expect("config");
+    let mut con = redis.connection().await.expect("connect");
+    for key in widget_operator::tenancy::claim_keys(&config) {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(owner)
+            .query_async(&mut con)
+            .await
+            .expect("set");
+    }
+}
+
+const OTHER: &str = "/apis/homewidgets.io/v1alpha1/namespaces/team-a/widgetpipelines/home";
+
+fn other_pipeline(uid: &str) -> Value {
+    let mut other = serde_json::to_value(pipeline()).expect("serializes");
+    other["metadata"]["namespace"] = json!("team-a");
+    other["metadata"]["uid"] = json!(uid);
+    other
+}
+
+#[tokio::test]
+async fn a_stream_another_live_pipeline_holds_on_the_same_redis_is_a_conflict_and_nothing_runs() {
+    let redis = RedisServer::start().await.expect("redis");
+    // The pipeline ran before the other one's claim was seen (e.g. both predate claims).
+    let first = first_pass(&redis.url()).await;
+    assert!(first.result.is_ok(), "first pass: {:?}", first.result);
+    claim_for(&redis, "team-a/home/uid-a").await;
+    let wp = pipeline();
+    let mut script = secret_steps(&redis.url());
+    // The claimant still exists with that uid.
+    script.push(step(
+        Method::GET,
+        OTHER,
+        "",
+        Reply::Json(other_pipeline("uid-a")),
+    ));
+    // Its own Deployments are listed and deleted; nothing is applied.
+    let names = ["home-outbox-deals", "home-ingester", "home-core-api"];
+    let existing = names
+        .iter()
+        .map(|n| first.stored(&format!("/deployments/{n}")))
+        .collect();
+    script.push(step(
+        Method::GET,
+        format!("{APPS_PATH}/deployments"),
+        SELECTOR,
+        Reply::Json(list("DeploymentList", "apps/v1", existing)),
+    ));
+    for n in names {
+        script.push(step(
+            Method::DELETE,
+            format!("{APPS_PATH}/deployments/{n}"),
+            "",
+            Reply::Json(
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            ),
+        ));
+    }
+    script.push(event_step());
+    script.push(status_step(&wp));
+    script.push(event_step());
+    let run = run(wp, script).await;
+    run.result.expect("reconcile");
+    let status = patched_status(&run.seen);
+    let ready = cond(&status, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Conflict")
+    );
+    assert!(ready.message.contains("team-a/home"), "{}", ready.message);
+    assert!(!ready.message.contains("uid-a"), "{}", ready.message);
+    assert_eq!(
+        status.live, None,
+        "another pipeline's figures are not shown"
+    );
+    assert!(
+        run.seen
+            .iter()
+            .all(|s| s.method != Method::PATCH || s.path == STATUS),
+        "no child applied"
+    );
+    // The claim stays the other pipeline's.
+    let mut con = redis.connection().await.expect("connect");
+    let config = widget_operator::render::runtime_config(&pipeline()).expect("config");
+    let [stream_key, _] = widget_operator::tenancy::claim_keys(&config);
+    let holder: String = redis::cmd("GET")
+        .arg(&stream_key)
+        .query_async(&mut con)
+        .await
+        .expect("get");
+    assert_eq!(holder, "team-a/home/uid-a");
+}
+
+#[tokio::test]
+async fn a_claim_whose_pipeline_is_gone_is_taken_over() {
+    let redis = RedisServer::start().await.expect("redis");
+    claim_for(&redis, "team-a/home/uid-old").await;
+    let wp = pipeline();
+    let mut script = secret_steps(&redis.url());
+    // Re-created since: another uid.
+    script.push(step(
+        Method::GET,
+        OTHER,
+        "",
+        Reply::Json(other_pipeline("uid-new")),
+    ));
+    script.extend(list_steps(vec![], vec![], vec![]));
+    script.extend(apply_steps(&["deals"]));
+    script.push(event_step());
+    script.push(status_step(&wp));
+    let run = run(wp, script).await;
+    run.result.expect("reconcile");
+    let status = patched_status(&run.seen);
+    assert_eq!(cond(&status, "Degraded").status, "False");
+    let config = widget_operator::render::runtime_config(&pipeline()).expect("config");
+    let mut con = redis.connection().await.expect("connect");
+    for key in widget_operator::tenancy::claim_keys(&config) {
+        let holder: String = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .expect("get");
+        assert_eq!(holder, format!("widgets/home/{UID}"), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_child_name_someone_else_owns_is_reported_and_the_rest_is_applied() {
+    let redis = RedisServer::start().await.expect("redis");
+    let first = first_pass(&redis.url()).await;
+    assert!(first.result.is_ok(), "first pass: {:?}", first.result);
+    let mut squatter = first.stored("/deployments/home-ingester");
+    squatter["metadata"]["ownerReferences"][0]["uid"] = json!("another-pipeline");
+
+    let wp = pipeline();
+    let mut script = secret_steps(&redis.url());
+    script.extend(list_steps(vec![], vec![], vec![]));
+    for step_ in apply_steps(&["deals"]) {
+        if step_.path.ends_with("/deployments/home-ingester") {
+            // Looked up, found to be someone else's: not applied.
+            if step_.method == Method::GET {
+                script.push(step(
+                    Method::GET,
+                    step_.path,
+                    "",
+                    Reply::Json(squatter.clone()),
+                ));
+            }
+            continue;
+        }
+        script.push(step_);
+    }
+    script.push(event_step());
+    script.push(status_step(&wp));
+    script.push(event_step());
+    let run = run(wp, script).await;
+    run.result.expect("the reconcile goes on");
+    let status = patched_status(&run.seen);
+    let degraded = cond(&status, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "NameConflict")
+    );
+    assert!(
+        degraded.message.contains("home-ingester"),
+        "{}",
+        degraded.message
+    );
+    let applied: Vec<&str> = run
+        .seen
+        .iter()
+        .filter(|s| s.method == Method::PATCH && s.path != STATUS)
+        .map(|s| s.path.as_str())
+        .collect();
+    assert_eq!(applied.len(), 4, "{applied:?}");
 }

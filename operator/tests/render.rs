@@ -273,6 +273,54 @@ fn core_api_serves_admin_routes_on_its_own_port_and_gets_its_identity_keys_from_
 }
 
 #[test]
+fn same_named_pipelines_in_two_namespaces_get_distinct_streams_and_caches() {
+    let mut a = sample();
+    a.metadata.namespace = Some("team-a".into());
+    let mut b = sample();
+    b.metadata.namespace = Some("team-b".into());
+    for wp in [&mut a, &mut b] {
+        wp.spec.stream.name = None;
+        wp.spec.cache.key_prefix = None;
+    }
+    let (ca, cb) = (rendered(&a).config, rendered(&b).config);
+    assert_eq!(ca.stream_name(), "team-a.home.widget-events");
+    assert_eq!(cb.stream_name(), "team-b.home.widget-events");
+    assert_ne!(ca.key_prefix(), cb.key_prefix());
+    assert_ne!(ca.stats_key(), cb.stats_key());
+    assert_ne!(ca.dead_letter_stream(), cb.dead_letter_stream());
+    // An explicit name is kept as written (e.g. to keep a stream made before the defaults).
+    let mut c = sample();
+    c.spec.stream.name = Some("home.widget-events".into());
+    c.spec.cache.key_prefix = Some("hw:home:".into());
+    let cc = rendered(&c).config;
+    assert_eq!(
+        (cc.stream_name().as_str(), cc.key_prefix().as_str()),
+        ("home.widget-events", "hw:home:")
+    );
+}
+
+#[test]
+fn a_name_with_an_outbox_segment_is_invalid() {
+    // `a-outbox` + core-api would render `a-outbox-core-api`, pipeline `a`'s worker of a
+    // source named `core-api`.
+    for name in ["a-outbox", "a-outbox-x"] {
+        let mut wp = sample();
+        wp.metadata.name = Some(name.into());
+        let e = render::render(&wp, &versions()).expect_err("reserved segment");
+        assert!(
+            matches!(e, Error::InvalidSpec(ref m) if m.contains("-outbox")),
+            "{e}"
+        );
+    }
+    let mut wp = sample();
+    wp.metadata.name = Some("outboxes".into());
+    assert!(
+        render::render(&wp, &versions()).is_ok(),
+        "only the segment is reserved"
+    );
+}
+
+#[test]
 fn omitted_fields_render_the_runtime_defaults() {
     let minimal = r#"
 apiVersion: homewidgets.io/v1alpha1
@@ -288,8 +336,13 @@ spec:
     let wp: WidgetPipeline = serde_yaml::from_str(minimal).expect("parses");
     let r = render::render(&wp, &SecretVersions::new()).expect("renders");
     let text = &r.config_map.data.as_ref().expect("data")["config.yaml"];
-    let runtime_defaults = Config::from_yaml_str("pipeline: shop\nsources: [{name: deals}]\n")
-        .expect("runtime parses");
+    // The runtime's defaults, but for the stream and the cache prefix: those are derived from
+    // namespace and name, so pipelines of one name in two namespaces never share them.
+    let runtime_defaults = Config::from_yaml_str(
+        "pipeline: shop\nstream: {name: widgets.shop.widget-events}\n\
+         cache: {keyPrefix: \"hw:widgets:shop:\"}\nsources: [{name: deals}]\n",
+    )
+    .expect("runtime parses");
     assert_eq!(
         Config::from_yaml_str(text).expect("loads"),
         runtime_defaults

@@ -1,0 +1,138 @@
+//! One stream and one cache prefix per pipeline on a Redis, across namespaces.
+//!
+//! Two pipelines writing one stream split each other's events between their core databases,
+//! and two sharing a cache prefix serve each other's widgets. The defaults are unique per
+//! namespace and name (`render::tenant_names`), but explicit names can still collide, and only
+//! Redis knows which pipelines share a server: so each pipeline claims its stream and prefix in
+//! that Redis (`<stream>.owner`, `<keyPrefix>owner`, holding `<namespace>/<name>/<uid>`). The
+//! first claimant keeps them; a later one is refused with the condition reason `Conflict`. A
+//! claim whose pipeline no longer exists (or was re-created with a new uid) is taken over.
+
+use redis::Script;
+use widget_runtime::config::Config;
+
+use crate::probe::{PROBE_TIMEOUT, ProbeError};
+
+/// Who holds a pipeline's names on its Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This pipeline (now, or already).
+    Ours,
+    /// Another owner holds `key`.
+    Taken { key: String, by: Owner },
+}
+
+/// A claimant: the pipeline's namespace, name and uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl Owner {
+    pub fn to_value(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.name, self.uid)
+    }
+
+    pub fn parse(value: &str) -> Option<Owner> {
+        let mut parts = value.splitn(3, '/');
+        let (namespace, name, uid) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Owner {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The keys a pipeline claims.
+pub fn claim_keys(config: &Config) -> [String; 2] {
+    [
+        format!("{}.owner", config.stream_name()),
+        format!("{}owner", config.key_prefix()),
+    ]
+}
+
+/// Claims every key that is free (or already ours) in one step; the first key held by another
+/// owner is returned and nothing is written. With `take_over`, that owner's claim is replaced.
+const CLAIM: &str = r#"
+if ARGV[2] ~= '1' then
+  for i, key in ipairs(KEYS) do
+    local v = redis.call('GET', key)
+    if v and v ~= ARGV[1] then return {key, v} end
+  end
+end
+for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1]) end
+return 0
+"#;
+
+/// Claims `config`'s names on the Redis at `url` for `owner`.
+pub async fn claim(
+    url: &str,
+    config: &Config,
+    owner: &Owner,
+    take_over: bool,
+) -> Result<Claim, ProbeError> {
+    let client = redis::Client::open(url)?;
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(PROBE_TIMEOUT))
+        .set_response_timeout(Some(PROBE_TIMEOUT));
+    let mut con = client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await?;
+    let script = Script::new(CLAIM);
+    let mut invocation = script.prepare_invoke();
+    for key in claim_keys(config) {
+        invocation.key(key);
+    }
+    invocation
+        .arg(owner.to_value())
+        .arg(if take_over { "1" } else { "0" });
+    let reply: redis::Value = invocation.invoke_async(&mut con).await?;
+    Ok(match reply {
+        redis::Value::Array(items) => {
+            let text = |v: Option<&redis::Value>| match v {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            let (key, by) = (text(items.first()), text(items.get(1)));
+            match Owner::parse(&by) {
+                Some(by) => Claim::Taken { key, by },
+                // Not a claim this operator wrote: treat the key as held by nobody we know.
+                None => Claim::Taken {
+                    key,
+                    by: Owner {
+                        namespace: String::new(),
+                        name: by,
+                        uid: String::new(),
+                    },
+                },
+            }
+        }
+        _ => Claim::Ours,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_round_trip() {
+        let o = Owner {
+            namespace: "team-a".into(),
+            name: "home".into(),
+            uid: "1234-abcd".into(),
+        };
+        assert_eq!(Owner::parse(&o.to_value()), Some(o.clone()));
+        assert_eq!(o.to_string(), "team-a/home");
+        assert_eq!(Owner::parse("nothing"), None);
+    }
+}
