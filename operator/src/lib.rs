@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod probe;
 pub mod quantity;
+pub mod rbac;
 pub mod render;
 pub mod status;
 pub mod tenancy;

@@ -47,6 +47,11 @@ struct RunArgs {
     /// Identity in the Lease; the pod name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Image prefixes pipelines may run, comma-separated (e.g.
+    /// `ghcr.io/example/widget-runtime:`); a pipeline with another image is refused with the
+    /// status reason `ImageNotAllowed`. Unset: any image.
+    #[arg(long, env = "ALLOWED_IMAGES", value_delimiter = ',')]
+    allowed_images: Vec<String>,
     /// Run without leader election (a single replica, e.g. local development).
     #[arg(long)]
     no_leader_election: bool,
@@ -98,11 +103,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .identity
         .clone()
         .unwrap_or_else(|| format!("widget-operator-{}", std::process::id()));
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics.clone(),
-        Some(identity.clone()),
-    ));
+    let ctx = Arc::new(
+        Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
+            .with_allowed_images(args.allowed_images.clone()),
+    );
     ready.store(true, Ordering::Relaxed);
 
     if args.no_leader_election {

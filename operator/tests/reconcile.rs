@@ -118,6 +118,14 @@ async fn serve(mut handle: Handle, script: Vec<Step>) -> Vec<Seen> {
             (&step.method, step.path.as_str()),
             "step {i}: unexpected request (query {query})"
         );
+        // Every request the operator makes must be one its RBAC grants.
+        let (group, resource, verb) =
+            widget_operator::rbac::request_verb(method.as_str(), &path, &query)
+                .unwrap_or_else(|| panic!("step {i}: {method} {path} maps to no RBAC verb"));
+        assert!(
+            widget_operator::rbac::allows(&group, &resource, &verb),
+            "step {i}: {verb} on {group}/{resource} is not in operator/src/rbac.rs"
+        );
         for part in step.query.split('&').filter(|p| !p.is_empty()) {
             assert!(
                 query.contains(part),
@@ -1042,4 +1050,52 @@ async fn a_child_name_someone_else_owns_is_reported_and_the_rest_is_applied() {
         .map(|s| s.path.as_str())
         .collect();
     assert_eq!(applied.len(), 4, "{applied:?}");
+}
+
+#[tokio::test]
+async fn an_image_outside_the_allow_list_is_refused_and_nothing_is_applied() {
+    let wp = pipeline();
+    assert!(
+        !wp.spec.image.starts_with("registry.internal/"),
+        "{}",
+        wp.spec.image
+    );
+    let script = vec![
+        step(
+            Method::GET,
+            format!("{APPS_PATH}/deployments"),
+            SELECTOR,
+            Reply::Json(list("DeploymentList", "apps/v1", vec![])),
+        ),
+        status_step(&wp),
+        event_step(),
+    ];
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let server = tokio::spawn(serve(handle, script));
+    let ctx = Arc::new(
+        Context::new(
+            Client::new(service, "default"),
+            Arc::new(Metrics::default()),
+            None,
+        )
+        .with_allowed_images(vec!["registry.internal/".into()]),
+    );
+    let action = controller::reconcile(Arc::new(DeserializeGuard(Ok(wp))), ctx.clone())
+        .await
+        .expect("reported, not failed");
+    assert_eq!(action, Action::await_change());
+    drop(ctx);
+    let seen = server.await.expect("server");
+    let status = patched_status(&seen);
+    let ready = cond(&status, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "ImageNotAllowed")
+    );
+    let event = seen.iter().find(|s| s.path == EVENTS).expect("warning");
+    assert_eq!(event.body["reason"], "ImageNotAllowed");
+    assert!(
+        seen.iter()
+            .all(|s| s.method != Method::PATCH || s.path == STATUS)
+    );
 }
