@@ -312,6 +312,10 @@ pub struct SourceSpec {
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// This worker's own Redis user (see `widget-runtime acl worker --source <name>`), so a
+    /// compromised product-side worker cannot touch the cache; defaults to `spec.redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<Connection>,
 }
 
 fn default_outbox_table() -> String {
@@ -341,6 +345,9 @@ pub struct CoreApiSpec {
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// core-api's own Redis user (see `widget-runtime acl core-api`); defaults to `spec.redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<Connection>,
     #[serde(default)]
     pub http: HttpSpec,
     /// Without it, personalised widgets are answered with 401.
@@ -439,6 +446,10 @@ pub struct ComponentSpec {
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// The ingester's own Redis user (see `widget-runtime acl ingester`); defaults to
+    /// `spec.redis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<Connection>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -593,6 +604,23 @@ impl WidgetPipeline {
             &self.spec.core_database.url_secret_ref,
         ];
         refs.extend(self.spec.sources.iter().map(|s| &s.database.url_secret_ref));
+        refs.extend(
+            self.spec
+                .sources
+                .iter()
+                .filter_map(|s| s.redis.as_ref())
+                .chain(&self.spec.ingester.redis)
+                .chain(&self.spec.core_api.redis)
+                .map(|c| &c.url_secret_ref),
+        );
+        refs.extend(
+            self.spec
+                .core_api
+                .identity
+                .iter()
+                .filter_map(|i| i.jwt.as_ref())
+                .map(|j| &j.keys_secret_ref),
+        );
         refs
     }
 }

@@ -563,6 +563,7 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
     let mut deployments = Vec::with_capacity(spec.sources.len() + 2);
     for source in &spec.sources {
         let db = &source.database.url_secret_ref;
+        let redis = source.redis.as_ref().map_or(redis, |c| &c.url_secret_ref);
         let mut args = vec!["--source".to_string(), source.name.clone()];
         args.extend(admin.clone());
         deployments.push(deployment(
@@ -596,6 +597,11 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
         }),
         ..EnvVar::default()
     };
+    let ingester_redis = spec
+        .ingester
+        .redis
+        .as_ref()
+        .map_or(redis, |c| &c.url_secret_ref);
     let mut args = vec!["--consumer".to_string(), "$(POD_NAME)".into()];
     args.extend(admin.clone());
     deployments.push(deployment(
@@ -608,22 +614,27 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
             // POD_NAME first: `$(POD_NAME)` expands only variables defined before use.
             env: vec![
                 pod_name,
-                secret_env("REDIS_URL", redis),
+                secret_env("REDIS_URL", ingester_redis),
                 secret_env("CORE_DATABASE_URL", core_db),
             ],
             ports: vec![("admin", ADMIN_PORT)],
-            secrets: vec![redis.clone(), core_db.clone()],
+            secrets: vec![ingester_redis.clone(), core_db.clone()],
             replicas: spec.ingester.replicas,
             resources: spec.ingester.resources.clone(),
         },
         secrets,
     )?);
 
+    let api_redis = spec
+        .core_api
+        .redis
+        .as_ref()
+        .map_or(redis, |c| &c.url_secret_ref);
     let mut api_env = vec![
-        secret_env("REDIS_URL", redis),
+        secret_env("REDIS_URL", api_redis),
         secret_env("CORE_DATABASE_URL", core_db),
     ];
-    let mut api_secrets = vec![redis.clone(), core_db.clone()];
+    let mut api_secrets = vec![api_redis.clone(), core_db.clone()];
     if let Some(keys) = spec
         .core_api
         .identity

@@ -321,6 +321,39 @@ fn a_name_with_an_outbox_segment_is_invalid() {
 }
 
 #[test]
+fn each_component_can_have_its_own_redis_user() {
+    let conn = |name: &str| widget_crds::Connection {
+        url_secret_ref: widget_crds::SecretKeyRef {
+            name: name.into(),
+            key: "url".into(),
+        },
+    };
+    let mut wp = sample();
+    wp.spec.sources[0].redis = Some(conn("redis-worker-deals"));
+    wp.spec.ingester.redis = Some(conn("redis-ingester"));
+    wp.spec.core_api.redis = Some(conn("redis-core-api"));
+    let refs: Vec<&str> = wp.secret_refs().iter().map(|r| r.name.as_str()).collect();
+    for name in ["redis-worker-deals", "redis-ingester", "redis-core-api"] {
+        assert!(
+            refs.contains(&name),
+            "{name} is read for the hashes: {refs:?}"
+        );
+    }
+    let r = rendered(&wp);
+    for (name, secret) in [
+        ("home-outbox-deals", "redis-worker-deals"),
+        ("home-ingester", "redis-ingester"),
+        ("home-core-api", "redis-core-api"),
+    ] {
+        let env = secret_env(container(deployment(&r, name)));
+        assert!(
+            env.contains(&("REDIS_URL".into(), secret.into(), "url".into())),
+            "{name}: {env:?}"
+        );
+    }
+}
+
+#[test]
 fn omitted_fields_render_the_runtime_defaults() {
     let minimal = r#"
 apiVersion: homewidgets.io/v1alpha1

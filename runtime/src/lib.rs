@@ -1,6 +1,7 @@
 //! The runtime of the Home Widget Platform: the producer library that product services link,
 //! and the three components (outbox-worker, ingester, core-api) of the `widget-runtime` binary.
 
+pub mod acl;
 pub mod admin;
 pub mod api;
 pub mod cache;

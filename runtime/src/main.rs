@@ -57,6 +57,28 @@ enum Command {
         #[command(subcommand)]
         action: WidgetsAction,
     },
+    /// Print the `ACL SETUSER` line of a least-privilege Redis user for one component.
+    Acl {
+        /// Pipeline config file (YAML); gives the key names.
+        #[arg(long, env = "WIDGET_CONFIG")]
+        config: PathBuf,
+        /// The user's name; defaults to `<pipeline>-<component>`.
+        #[arg(long)]
+        user: Option<String>,
+        #[command(subcommand)]
+        component: AclComponent,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclComponent {
+    /// The outbox-worker of one source.
+    Worker {
+        #[arg(long)]
+        source: String,
+    },
+    Ingester,
+    CoreApi,
 }
 
 #[derive(Subcommand)]
@@ -236,7 +258,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let tool = matches!(
         cli.command,
-        Command::Widgets { .. } | Command::DeadLetters { .. }
+        Command::Widgets { .. } | Command::DeadLetters { .. } | Command::Acl { .. }
     );
     telemetry::init(cli.log_format, tool);
     match cli.command {
@@ -401,6 +423,31 @@ async fn main() -> anyhow::Result<()> {
                     "dead letters replayed into the stream"
                 );
             }
+        }
+        Command::Acl {
+            config,
+            user,
+            component,
+        } => {
+            use widget_runtime::acl::{Component, rules};
+            let config = load_config(&config)?;
+            let (component, label) = match &component {
+                AclComponent::Worker { source } => {
+                    anyhow::ensure!(
+                        config.source(source).is_some(),
+                        "no source `{source}` in the config"
+                    );
+                    (Component::Worker { source }, format!("worker-{source}"))
+                }
+                AclComponent::Ingester => (Component::Ingester, "ingester".into()),
+                AclComponent::CoreApi => (Component::CoreApi, "core-api".into()),
+            };
+            let user = user.unwrap_or_else(|| format!("{}-{label}", config.pipeline));
+            // The password is the operator's to choose: `>secret`, or `#<sha256 hex>`.
+            println!(
+                "ACL SETUSER {user} reset on >CHANGE-ME {}",
+                rules(&config, component).join(" ")
+            );
         }
         Command::Widgets { action } => {
             let (args, purge) = match action {

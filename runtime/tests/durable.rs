@@ -1139,3 +1139,118 @@ async fn an_ingester_without_a_new_source_in_its_config_confirms_its_rows() {
         .expect("ingester ends cleanly");
     worker.stop().await;
 }
+
+/// Creates a Redis user with `rules` and returns its URL.
+async fn acl_user(stack: &Stack, name: &str, rules: &[String]) -> String {
+    let mut conn = stack.redis_conn().await;
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg(name)
+        .arg("reset")
+        .arg("on")
+        .arg(">pw");
+    for r in rules {
+        cmd.arg(r);
+    }
+    let _: () = cmd.query_async(&mut conn).await.expect("ACL SETUSER");
+    format!("redis://{name}:pw@127.0.0.1:{}/", stack.redis.port())
+}
+
+/// Every component runs as its own least-privilege Redis user (`widget_runtime::acl`), through
+/// normal traffic, a Redis that loses its data (epoch, replay, re-warm) and back-fills: the
+/// pipeline converges, and each user is refused what it has no business doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_under_least_privilege_redis_users() {
+    use widget_runtime::acl::{Component, rules};
+    let stack = Stack::with_config(CONFIG).await;
+    let config = stack.config.clone();
+    let worker_url = acl_user(
+        &stack,
+        "worker-deals",
+        &rules(&config, Component::Worker { source: "deals" }),
+    )
+    .await;
+    let ingester_url = acl_user(&stack, "ingester", &rules(&config, Component::Ingester)).await;
+    let api_url = acl_user(&stack, "core-api", &rules(&config, Component::CoreApi)).await;
+
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    let worker = start_worker_on(&stack, &worker_url);
+    let ingester = start_ingester_on(&stack, &ingester_url, "ingester-a", &stack.core_url, 100);
+    let api = start_api_on(&stack, &api_url).await;
+    produce(&product, 60, 3, 1, &mut expected).await;
+    assert_converged(&stack, &api, &expected).await;
+    wait_for("confirmed rows deleted", || async {
+        outbox_counts(&product).await == (0, 0)
+    })
+    .await;
+
+    // Redis loses everything (ACL users are configuration, not data): a new epoch, the replay
+    // of nothing unconfirmed, the re-warm, and new traffic, all as the same users.
+    let mut admin = stack.redis_conn().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .expect("flush");
+    produce(&product, 60, 2, 10, &mut expected).await;
+    assert_converged(&stack, &api, &expected).await;
+    wait_for("re-warm completed", || {
+        let (mut admin, key) = (admin.clone(), config.warm_key("done"));
+        async move {
+            let done: Option<String> = admin.get(key).await.unwrap_or(None);
+            done.is_some()
+        }
+    })
+    .await;
+
+    // What each user may not do.
+    let refused = |url: String, cmd: redis::Cmd| async move {
+        let mut c = redis::Client::open(url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        match cmd.query_async::<redis::Value>(&mut c).await {
+            Err(e) => e.code() == Some("NOPERM"),
+            Ok(_) => false,
+        }
+    };
+    let cache_key = format!("{}w:deals.w-1", config.key_prefix());
+    let mut set = redis::cmd("SET");
+    set.arg(&cache_key).arg("forged");
+    assert!(
+        refused(worker_url.clone(), set.clone()).await,
+        "a worker cannot write the cache"
+    );
+    let mut get = redis::cmd("GET");
+    get.arg(&cache_key);
+    assert!(refused(worker_url.clone(), get).await, "nor read it");
+    let mut other = redis::cmd("SMEMBERS");
+    other.arg(config.confirmed_key("loyalty"));
+    assert!(
+        refused(worker_url.clone(), other).await,
+        "nor another source's confirmations"
+    );
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(config.stream_name()).arg("*").arg("f").arg("v");
+    assert!(
+        refused(api_url.clone(), xadd).await,
+        "core-api cannot inject events"
+    );
+    let mut flush = redis::cmd("FLUSHALL");
+    flush.arg("SYNC");
+    assert!(
+        refused(ingester_url.clone(), flush).await,
+        "the ingester cannot flush Redis"
+    );
+    let mut foreign = redis::cmd("SET");
+    foreign.arg("hw:other-pipeline:w:deals.x").arg("v");
+    assert!(
+        refused(ingester_url, foreign).await,
+        "nor write another pipeline's cache"
+    );
+
+    ingester.stop().await;
+    worker.stop().await;
+    api.stop().await;
+}

@@ -1,0 +1,159 @@
+//! Least-privilege Redis users, one per component: the ACL rules that let a component of one
+//! pipeline do its work and nothing else. A compromised outbox-worker (on the product side of
+//! the platform) can then append to its pipeline's stream but cannot rewrite the cache the home
+//! screen is served from, read another source's confirmations or touch another pipeline's keys;
+//! core-api can read and back-fill the cache but not inject events.
+//!
+//! `widget-runtime acl` prints them as `ACL SETUSER` lines; `docs/security.md` explains them.
+
+use crate::config::Config;
+
+/// Which component a user is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component<'a> {
+    Worker { source: &'a str },
+    Ingester,
+    CoreApi,
+}
+
+/// Commands every component sends: liveness checks, the client library's connection set-up,
+/// scripts (the epoch check, the cache's version guard) and the stats flush.
+const COMMON: &[&str] = &[
+    "ping",
+    // (The client library's `CLIENT SETINFO` at connect is left out: Redis before 7.2 does
+    // not know it, and the library ignores its refusal.)
+    "eval",
+    "evalsha",
+    "script|load",
+    "hincrby",
+    "hset",
+    "hgetall",
+    // The stats flush is one transaction. (A refused MULTI makes redis-rs 1.8 panic in debug
+    // builds, an index underflow in its transaction bookkeeping: never leave these out.)
+    "multi",
+    "exec",
+    // Optional: the eviction-policy check (`CONFIG GET maxmemory-policy`) and the epoch's
+    // run-id check (`INFO server`, called with pcall); refused, both are skipped.
+    "config|get",
+    "info",
+];
+
+const WORKER: &[&str] = &[
+    "xadd",
+    "xlen",
+    "xinfo|groups",
+    "xtrim",
+    // The epoch script (durability::ensure_epoch) creates the group with the marker.
+    "xgroup|create",
+    "exists",
+    "get",
+    "set",
+    "srandmember",
+    "srem",
+];
+
+const INGESTER: &[&str] = &[
+    "xreadgroup",
+    "xack",
+    "xautoclaim",
+    "xpending",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "xgroup|create",
+    "xgroup|delconsumer",
+    "xadd",
+    "xlen",
+    "xtrim",
+    "xrange",
+    "xdel",
+    "exists",
+    "get",
+    "set",
+    "del",
+    "mget",
+    "pexpire",
+    "pttl",
+    "sadd",
+];
+
+const CORE_API: &[&str] = &["mget", "get", "set", "pexpire", "pttl"];
+
+/// Redis glob characters in a key name are matched literally.
+fn literal(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for c in key.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The ACL rules of `component` for `config`'s pipeline, to follow `ACL SETUSER <user> reset
+/// on >password`: its key patterns, then its commands, everything else refused.
+pub fn rules(config: &Config, component: Component<'_>) -> Vec<String> {
+    let stream = config.stream_name();
+    let cache = format!("{}w:*", literal(&config.key_prefix()));
+    let mut keys = vec![literal(&stream), literal(&config.epoch_key())];
+    let commands = match component {
+        Component::Worker { source } => {
+            keys.push(literal(&config.confirmed_key(source)));
+            WORKER
+        }
+        Component::Ingester => {
+            keys.push(literal(&config.dead_letter_stream()));
+            keys.push(format!("{}*", literal(&config.confirmed_key(""))));
+            keys.push(format!("{}*", literal(&config.warm_key(""))));
+            keys.push(cache);
+            INGESTER
+        }
+        Component::CoreApi => {
+            keys = vec![cache];
+            CORE_API
+        }
+    };
+    keys.push(literal(&config.stats_key()));
+    let mut out = vec!["resetkeys".into(), "resetchannels".into(), "-@all".into()];
+    out.extend(keys.into_iter().map(|k| format!("~{k}")));
+    let mut names: Vec<&str> = COMMON.iter().chain(commands).copied().collect();
+    names.sort_unstable();
+    names.dedup();
+    out.extend(names.into_iter().map(|c| format!("+{c}")));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_yaml_str("pipeline: home\nsources: [{name: deals}, {name: loyalty}]\n")
+            .expect("config")
+    }
+
+    #[test]
+    fn a_worker_reaches_its_stream_and_confirmations_but_not_the_cache() {
+        let r = rules(&config(), Component::Worker { source: "deals" });
+        assert!(r.contains(&"~home.widget-events".to_string()), "{r:?}");
+        assert!(r.contains(&"~home.widget-events.confirmed.deals".to_string()));
+        assert!(!r.iter().any(|k| k.contains("confirmed.loyalty")));
+        assert!(!r.iter().any(|k| k.contains("w:")), "no cache keys: {r:?}");
+        assert!(r.contains(&"+xadd".to_string()));
+        assert!(!r.contains(&"+xreadgroup".to_string()));
+        assert!(!r.contains(&"+mget".to_string()));
+    }
+
+    #[test]
+    fn core_api_reaches_only_the_cache_and_the_stats() {
+        let r = rules(&config(), Component::CoreApi);
+        let keys: Vec<&String> = r.iter().filter(|k| k.starts_with('~')).collect();
+        assert_eq!(keys, ["~hw:home:w:*", "~hw:home:stats"]);
+        assert!(!r.contains(&"+xadd".to_string()));
+    }
+
+    #[test]
+    fn glob_characters_in_names_are_literal() {
+        assert_eq!(literal("a*b?[c]"), "a\\*b\\?\\[c\\]");
+    }
+}
