@@ -658,6 +658,22 @@ async fn unreachable_redis_degrades_but_the_rest_of_the_status_is_written() {
         (degraded.status.as_str(), degraded.reason.as_str()),
         ("True", "RedisUnreachable")
     );
+    // A reason code, never the driver's text with the host and port it dialled.
+    assert!(
+        degraded.message.ends_with("connection refused"),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        !degraded.message.contains(&closed.to_string()),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        !degraded.message.contains("127.0.0.1"),
+        "{}",
+        degraded.message
+    );
     assert_eq!(status.components.len(), 3);
     assert_eq!(status.observed_generation, Some(1));
     assert!(status.config_hash.is_some());
@@ -1098,4 +1114,93 @@ async fn an_image_outside_the_allow_list_is_refused_and_nothing_is_applied() {
         seen.iter()
             .all(|s| s.method != Method::PATCH || s.path == STATUS)
     );
+}
+
+/// The other half of the RBAC check (`tests/rbac.rs` holds the manifests to
+/// `operator/src/rbac.rs`, the mock server holds every request to it): every verb granted
+/// there is one the operator really uses, seen here across a first apply, a prune and a
+/// conflict's takeover check. Only the controller's watches (`list`, `watch`) and kube's
+/// repeated-event `patch` are exercised elsewhere (the kind suite).
+#[tokio::test]
+async fn every_granted_verb_is_used() {
+    let redis = RedisServer::start().await.expect("redis");
+    let first = first_pass(&redis.url()).await;
+    assert!(first.result.is_ok(), "{:?}", first.result);
+    let mut seen = first.seen.clone();
+
+    // A prune: the worker of a removed source is deleted.
+    let mut removed = first.stored("/deployments/home-outbox-deals");
+    removed["metadata"]["name"] = json!("home-outbox-loyalty");
+    let stored = |p: &str| first.stored(p);
+    let mut script = secret_steps(&redis.url());
+    script.extend(list_steps(
+        vec![
+            stored("/deployments/home-outbox-deals"),
+            removed,
+            stored("/deployments/home-ingester"),
+            stored("/deployments/home-core-api"),
+        ],
+        vec![stored("/configmaps/home-runtime-config")],
+        vec![stored("/services/home-core-api")],
+    ));
+    script.push(step(
+        Method::DELETE,
+        format!("{APPS_PATH}/deployments/home-outbox-loyalty"),
+        "",
+        Reply::Json(
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+        ),
+    ));
+    script.push(event_step());
+    script.push(status_step(&pipeline()));
+    let prune = run(pipeline(), script).await;
+    assert!(prune.result.is_ok(), "{:?}", prune.result);
+    seen.extend(prune.seen);
+
+    // A claim held by another pipeline: its holder is looked up.
+    claim_for(&redis, "team-a/home/uid-old").await;
+    let mut script = secret_steps(&redis.url());
+    script.push(step(Method::GET, OTHER, "", Reply::NotFound));
+    script.extend(list_steps(
+        vec![
+            stored("/deployments/home-outbox-deals"),
+            stored("/deployments/home-ingester"),
+            stored("/deployments/home-core-api"),
+        ],
+        vec![stored("/configmaps/home-runtime-config")],
+        vec![stored("/services/home-core-api")],
+    ));
+    script.push(status_step(&pipeline()));
+    let takeover = run(pipeline(), script).await;
+    assert!(takeover.result.is_ok(), "{:?}", takeover.result);
+    seen.extend(takeover.seen);
+
+    let used: std::collections::BTreeSet<(String, String, String)> = seen
+        .iter()
+        .filter_map(|s| widget_operator::rbac::request_verb(s.method.as_str(), &s.path, &s.query))
+        .collect();
+    for rule in widget_operator::rbac::RULES {
+        for verb in rule.verbs {
+            let elsewhere = matches!(*verb, "list" | "watch")
+                || (rule.resource == "events" && *verb == "patch");
+            if elsewhere {
+                continue;
+            }
+            // A server-side apply that creates an object is authorized as `create` too.
+            let key = |v: &str| {
+                (
+                    rule.group.to_string(),
+                    rule.resource.to_string(),
+                    v.to_string(),
+                )
+            };
+            let ok =
+                used.contains(&key(verb)) || (*verb == "create" && used.contains(&key("patch")));
+            assert!(
+                ok,
+                "{verb} on {}/{} is granted but never used",
+                rule.group, rule.resource
+            );
+        }
+    }
 }
