@@ -54,15 +54,20 @@ fn time_ms(ms: i64) -> Option<Time> {
     Timestamp::from_millisecond(ms).ok().map(Time)
 }
 
-/// Reads the figures for `config`'s pipeline from the Redis at `url`.
-pub async fn probe(url: &str, config: &Config) -> Result<LiveStatus, ProbeError> {
+/// A connection to the Redis at `url` with the probe's deadlines.
+pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, ProbeError> {
     let client = redis::Client::open(url)?;
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(PROBE_TIMEOUT))
         .set_response_timeout(Some(PROBE_TIMEOUT));
-    let mut con = client
+    Ok(client
         .get_multiplexed_async_connection_with_config(&cfg)
-        .await?;
+        .await?)
+}
+
+/// Reads the figures for `config`'s pipeline from the Redis at `url`.
+pub async fn probe(url: &str, config: &Config) -> Result<LiveStatus, ProbeError> {
+    let mut con = connect(url).await?;
 
     let stream = config.stream_name();
     let stream_length: i64 = con.xlen(&stream).await?;

@@ -11,7 +11,7 @@
 use redis::Script;
 use widget_runtime::config::Config;
 
-use crate::probe::{PROBE_TIMEOUT, ProbeError};
+use crate::probe::{self, ProbeError};
 
 /// Who holds a pipeline's names on its Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,13 +80,7 @@ pub async fn claim(
     owner: &Owner,
     take_over: bool,
 ) -> Result<Claim, ProbeError> {
-    let client = redis::Client::open(url)?;
-    let cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(PROBE_TIMEOUT))
-        .set_response_timeout(Some(PROBE_TIMEOUT));
-    let mut con = client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?;
+    let mut con = probe::connect(url).await?;
     let script = Script::new(CLAIM);
     let mut invocation = script.prepare_invoke();
     for key in claim_keys(config) {

@@ -142,6 +142,13 @@ fn upsert(key: &str, version: i64) -> StreamEvent {
     }
 }
 
+/// Version `version` of keys `deals.w-0..20`.
+fn round(version: i64) -> Vec<StreamEvent> {
+    (0..20)
+        .map(|k| upsert(&format!("deals.w-{k}"), version))
+        .collect()
+}
+
 async fn xadd_all(stack: &Stack, events: &[StreamEvent]) {
     let mut conn = stack.redis_conn().await;
     let stream = stack.config.stream_name();
@@ -249,22 +256,14 @@ async fn ingester_deadlines_on_a_blackholed_core_database_and_redis() {
             .is_some(),
         "ingester ready"
     );
-    xadd_all(
-        &stack,
-        &(0..20)
-            .map(|k| upsert(&format!("deals.w-{k}"), 1))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    xadd_all(&stack, &round(1)).await;
     assert!(
         all_stored(&core, 20, 1, Duration::from_secs(10)).await,
         "applied"
     );
 
     // The core database stops answering while an UPSERT is in flight, and events keep coming.
-    let round2: Vec<StreamEvent> = (0..20)
-        .map(|k| upsert(&format!("deals.w-{k}"), 2))
-        .collect();
+    let round2 = round(2);
     let lock = hold_lock_until_blocked(&core, "widgets", 1, xadd_all(&stack, &round2)).await;
     db_proxy.blackhole();
     lock.commit().await.expect("release the lock");
@@ -273,14 +272,8 @@ async fn ingester_deadlines_on_a_blackholed_core_database_and_redis() {
         ingester.becomes(false, Duration::from_secs(30)).await,
         STATEMENT_TIMEOUT,
     );
-    for round in 3..=5 {
-        xadd_all(
-            &stack,
-            &(0..20)
-                .map(|k| upsert(&format!("deals.w-{k}"), round))
-                .collect::<Vec<_>>(),
-        )
-        .await;
+    for version in 3..=5 {
+        xadd_all(&stack, &round(version)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     // 8 s blackholed, four times minIdle: enough for a reclaim to have dead-lettered them.
@@ -311,13 +304,7 @@ async fn ingester_deadlines_on_a_blackholed_core_database_and_redis() {
             .is_some(),
         "ready again after Redis answers"
     );
-    xadd_all(
-        &stack,
-        &(0..20)
-            .map(|k| upsert(&format!("deals.w-{k}"), 6))
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    xadd_all(&stack, &round(6)).await;
     assert!(
         all_stored(&core, 20, 6, Duration::from_secs(15)).await,
         "applies again without a restart"
