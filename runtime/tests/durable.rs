@@ -13,15 +13,15 @@ use prometheus_client::registry::Registry;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::{RunningApi, Stack, http_get, metric_value, start_api_on};
+use support::{
+    Running, RunningApi, Stack, http_get, start_api_on, start_ingester_on, start_source_worker,
+};
 use testkit::eventually;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use widget_runtime::admin::Readiness;
 use widget_runtime::cache::{Cache, CacheWrite, Cached, decode_value};
 use widget_runtime::event::Op;
 use widget_runtime::ingest::Ingester;
-use widget_runtime::outbox::worker::{OutboxWorker, WorkerSettings};
 use widget_runtime::store::{self, Change};
 use widget_runtime::{Outbox, WidgetEvent, api, stats};
 
@@ -36,32 +36,6 @@ sources:
   - {name: deals, batchSize: 100, pollInterval: 50ms}
 "#;
 
-/// A component task with its metrics.
-struct Running<E> {
-    cancel: CancellationToken,
-    task: JoinHandle<Result<(), E>>,
-    registry: Arc<Mutex<Registry>>,
-}
-
-impl<E: std::fmt::Debug> Running<E> {
-    fn metric(&self, name: &str) -> f64 {
-        let mut text = String::new();
-        if let Ok(r) = self.registry.lock() {
-            prometheus_client::encoding::text::encode(&mut text, &r).expect("encode");
-        }
-        metric_value(&text, name).unwrap_or(0.0)
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        let ended = tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("stops within 15 s of cancel")
-            .expect("task does not panic");
-        assert!(ended.is_ok(), "component ended with {ended:?}");
-    }
-}
-
 fn start_worker(stack: &Stack) -> Running<widget_runtime::outbox::worker::WorkerError> {
     start_worker_on(stack, &stack.redis.url())
 }
@@ -73,30 +47,6 @@ fn start_worker_on(
     start_source_worker(stack, redis_url, "deals")
 }
 
-fn start_source_worker(
-    stack: &Stack,
-    redis_url: &str,
-    source: &str,
-) -> Running<widget_runtime::outbox::worker::WorkerError> {
-    let mut settings = WorkerSettings::from_config(&stack.config, source).expect("source");
-    settings.stats_interval = Duration::from_millis(100);
-    settings.backlog_interval = Duration::from_millis(200);
-    let mut registry = Registry::default();
-    let worker = OutboxWorker::new(
-        settings,
-        redis::Client::open(redis_url).expect("redis url"),
-        stack.lazy_pool(&stack.product_url),
-        &mut registry,
-        Readiness::default(),
-    );
-    let cancel = CancellationToken::new();
-    Running {
-        task: tokio::spawn(worker.run(cancel.clone())),
-        cancel,
-        registry: Arc::new(Mutex::new(registry)),
-    }
-}
-
 fn start_ingester_at(
     stack: &Stack,
     name: &str,
@@ -104,33 +54,6 @@ fn start_ingester_at(
     batch: usize,
 ) -> Running<widget_runtime::ingest::IngestError> {
     start_ingester_on(stack, &stack.redis.url(), name, core_url, batch)
-}
-
-fn start_ingester_on(
-    stack: &Stack,
-    redis_url: &str,
-    name: &str,
-    core_url: &str,
-    batch: usize,
-) -> Running<widget_runtime::ingest::IngestError> {
-    let mut registry = Registry::default();
-    let ingester = Ingester::new(
-        &stack.config,
-        name.to_string(),
-        redis::Client::open(redis_url).expect("redis url"),
-        stack.lazy_pool(core_url),
-        &mut registry,
-        Readiness::default(),
-    )
-    .with_stats_interval(Duration::from_millis(100))
-    .with_batch_size(batch)
-    .with_warm(|w| w.check_interval = Duration::from_millis(200));
-    let cancel = CancellationToken::new();
-    Running {
-        task: tokio::spawn(ingester.run(cancel.clone())),
-        cancel,
-        registry: Arc::new(Mutex::new(registry)),
-    }
 }
 
 fn start_ingester(stack: &Stack) -> Running<widget_runtime::ingest::IngestError> {

@@ -64,6 +64,21 @@ impl Outbox {
         Self::default().push_all(tx, events).await
     }
 
+    /// The next version of `key`: the per-key counter of `widget_next_version` (installed by
+    /// the product migrations), bumped under its row lock in `tx`. Versions then grow in
+    /// commit order and can never go backwards, unlike timestamps from several producer
+    /// replicas' clocks (or a `now()` taken at transaction start), which a later commit may
+    /// carry smaller and so be dropped as stale.
+    pub async fn next_version(
+        tx: &mut Transaction<'_, Postgres>,
+        key: &str,
+    ) -> Result<i64, OutboxError> {
+        Ok(sqlx::query_scalar("SELECT widget_next_version($1)")
+            .bind(key)
+            .fetch_one(&mut **tx)
+            .await?)
+    }
+
     pub async fn push(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -76,7 +91,7 @@ impl Outbox {
     }
 
     /// Validates every event first (nothing is written when one is invalid), then inserts them
-    /// all with one statement and sends a NOTIFY, both inside the caller's transaction.
+    /// all with one statement inside the caller's transaction.
     pub async fn push_all(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -121,11 +136,8 @@ impl Outbox {
             .bind(&contents)
             .fetch_all(&mut **tx)
             .await?;
-        // A wake-up hint only; Postgres folds repeated notifications within one transaction.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(&self.table)
-            .execute(&mut **tx)
-            .await?;
+        // No NOTIFY here: the outbox's statement trigger wakes the worker for every INSERT,
+        // this one and those of producers in other languages alike.
         Ok(ids)
     }
 }

@@ -869,6 +869,52 @@ fn backoff(failures: u32) -> Duration {
 /// How long the wake-up listener may go without a notification before it checks its link.
 const LISTENER_CHECK: Duration = Duration::from_secs(30);
 
+/// Makes sure every INSERT into the outbox wakes this worker, whoever writes it (plain SQL in
+/// any language): a statement-level trigger sending one notification per statement, created
+/// here for an outbox table other than the migrated `widget_outbox`. Returns whether it is in
+/// place; a worker not allowed to create it (not the table's owner) says so once and polls.
+async fn ensure_wakeup_trigger(pool: &PgPool, table: &str, deadline: Duration) -> bool {
+    let quoted = quote_identifier(table);
+    let exists: Result<bool, sqlx::Error> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger
+                        WHERE tgrelid = $1::regclass AND tgname = 'widget_outbox_wakeup')",
+    )
+    .bind(&quoted)
+    .fetch_one(pool)
+    .deadline(deadline)
+    .await;
+    match exists {
+        Ok(true) => return true,
+        Ok(false) => {}
+        Err(_) => return false, // the database is down: checked again on the next connect
+    }
+    // A validated identifier, and a channel name as a string literal.
+    let sql = format!(
+        "CREATE OR REPLACE TRIGGER widget_outbox_wakeup AFTER INSERT ON {quoted}
+         FOR EACH STATEMENT EXECUTE FUNCTION widget_outbox_notify('{}')",
+        table.replace('\'', "''")
+    );
+    match sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .deadline(deadline)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                table,
+                "wake-up trigger created: every INSERT now wakes the worker"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(table, error = %e,
+                "cannot create the wake-up trigger (apply migrations/product, or create it as the \
+                 table's owner); rows are relayed at the poll interval");
+            true // said once; polling covers it
+        }
+    }
+}
+
 async fn listen_for_wakeups(
     pool: PgPool,
     channel: String,
@@ -876,7 +922,11 @@ async fn listen_for_wakeups(
     wake: Arc<Notify>,
     cancel: CancellationToken,
 ) {
+    let mut trigger_checked = false;
     loop {
+        if !trigger_checked {
+            trigger_checked = ensure_wakeup_trigger(&pool, &channel, deadline).await;
+        }
         let listener = async {
             let mut l = PgListener::connect_with(&pool).deadline(deadline).await?;
             l.listen(&channel).deadline(deadline).await?;

@@ -2,11 +2,17 @@
 //! pipeline config. Each test builds its own; see `testkit` for the servers.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use testkit::{PgServer, RedisServer};
+use tokio_util::sync::CancellationToken;
+use widget_runtime::admin::Readiness;
 use widget_runtime::config::Config;
+use widget_runtime::ingest::Ingester;
+use widget_runtime::outbox::worker::{OutboxWorker, WorkerSettings};
 use widget_runtime::store;
 
 pub struct Stack {
@@ -244,4 +250,83 @@ pub async fn start_api_on(stack: &Stack, redis_url: &str) -> RunningApi {
     .await;
     assert!(ready.is_some(), "core-api becomes ready");
     api
+}
+
+/// A component task with its metrics.
+pub struct Running<E> {
+    pub cancel: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), E>>,
+    pub registry: Arc<Mutex<Registry>>,
+}
+
+impl<E: std::fmt::Debug> Running<E> {
+    pub fn metric(&self, name: &str) -> f64 {
+        let mut text = String::new();
+        if let Ok(r) = self.registry.lock() {
+            prometheus_client::encoding::text::encode(&mut text, &r).expect("encode");
+        }
+        metric_value(&text, name).unwrap_or(0.0)
+    }
+
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("stops within 15 s of cancel")
+            .expect("task does not panic");
+        assert!(ended.is_ok(), "component ended with {ended:?}");
+    }
+}
+
+/// An outbox-worker of `source` in this process, against the Redis at `redis_url`.
+pub fn start_source_worker(
+    stack: &Stack,
+    redis_url: &str,
+    source: &str,
+) -> Running<widget_runtime::outbox::worker::WorkerError> {
+    let mut settings = WorkerSettings::from_config(&stack.config, source).expect("source");
+    settings.stats_interval = Duration::from_millis(100);
+    settings.backlog_interval = Duration::from_millis(200);
+    let mut registry = Registry::default();
+    let worker = OutboxWorker::new(
+        settings,
+        redis::Client::open(redis_url).expect("redis url"),
+        stack.lazy_pool(&stack.product_url),
+        &mut registry,
+        Readiness::default(),
+    );
+    let cancel = CancellationToken::new();
+    Running {
+        task: tokio::spawn(worker.run(cancel.clone())),
+        cancel,
+        registry: Arc::new(Mutex::new(registry)),
+    }
+}
+
+/// An ingester named `name` in this process.
+pub fn start_ingester_on(
+    stack: &Stack,
+    redis_url: &str,
+    name: &str,
+    core_url: &str,
+    batch: usize,
+) -> Running<widget_runtime::ingest::IngestError> {
+    let mut registry = Registry::default();
+    let ingester = Ingester::new(
+        &stack.config,
+        name.to_string(),
+        redis::Client::open(redis_url).expect("redis url"),
+        stack.lazy_pool(core_url),
+        &mut registry,
+        Readiness::default(),
+    )
+    .with_stats_interval(Duration::from_millis(100))
+    .with_batch_size(batch)
+    .with_warm(|w| w.check_interval = Duration::from_millis(200));
+    let cancel = CancellationToken::new();
+    Running {
+        task: tokio::spawn(ingester.run(cancel.clone())),
+        cancel,
+        registry: Arc::new(Mutex::new(registry)),
+    }
 }
