@@ -13,6 +13,10 @@ have_pg_server() {
 have_pg_server || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+# The Python producer example runs in a virtual environment the tests create (psycopg from PyPI).
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  need+=(python3 python3-venv)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
