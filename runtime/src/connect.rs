@@ -104,9 +104,11 @@ impl From<Client> for Redis {
 /// unacknowledged data, which keepalive alone cannot.
 fn tcp_settings(settings: &RedisConfig) -> TcpSettings {
     let idle = settings.keepalive;
+    // The kernel takes whole seconds and refuses an interval of 0 (EINVAL, and then no
+    // connection at all): at least one second between probes.
     let keepalive = TcpKeepalive::new()
         .with_time(idle)
-        .with_interval(idle / 3)
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
         .with_retries(3);
     TcpSettings::default()
         .set_nodelay(true)

@@ -26,13 +26,16 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
 use crate::config::HttpConfig;
+
+/// Connections over the limit being answered with a 503 at one time.
+const MAX_TURN_AWAYS: usize = 64;
 
 /// Largest request head accepted (request line and headers); a larger one gets a 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -56,19 +59,21 @@ pub async fn serve(
     limits: &HttpConfig,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = app.layer(
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(refused))
-            .load_shed()
-            .concurrency_limit(limits.max_requests)
-            .timeout(limits.request_timeout),
-    );
+    // Around the whole router, not `Router::layer` (which wraps each route on its own, so the
+    // limit would be per route): one semaphore for every request of this port.
+    let app = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(refused))
+        .load_shed()
+        .concurrency_limit(limits.max_requests)
+        .timeout(limits.request_timeout)
+        .service(app);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     let places = Arc::new(Semaphore::new(limits.max_connections));
+    let turn_aways = Arc::new(Semaphore::new(MAX_TURN_AWAYS));
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -84,7 +89,13 @@ pub async fn serve(
             },
         };
         let Ok(place) = places.clone().try_acquire_owned() else {
-            tokio::spawn(turn_away(stream, limits.write_timeout));
+            // Turned away with a 503, a bounded number at a time; past that, just closed.
+            if let Ok(turning) = turn_aways.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    turn_away(stream, Duration::from_secs(1)).await;
+                    drop(turning);
+                });
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -134,8 +145,10 @@ fn unavailable(code: &str, message: &str) -> Response {
     res
 }
 
-/// A connection over the limit: a 503 written at once (without reading the request), closed.
-async fn turn_away(mut stream: TcpStream, write_timeout: Duration) {
+/// A connection over the limit: a 503 written at once, then the request read and dropped for
+/// a moment before closing, so the client reads the answer instead of a reset (closing a
+/// socket with unread data resets it). `limit` bounds the whole exchange.
+async fn turn_away(mut stream: TcpStream, limit: Duration) {
     const BODY: &str =
         r#"{"error":{"code":"overloaded","message":"too many connections; retry shortly"}}"#;
     let reply = format!(
@@ -143,9 +156,12 @@ async fn turn_away(mut stream: TcpStream, write_timeout: Duration) {
          connection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
-    let _ = tokio::time::timeout(write_timeout, async {
+    let _ = tokio::time::timeout(limit, async {
         stream.write_all(reply.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }

@@ -279,6 +279,28 @@ async fn requests_over_the_in_flight_limit_are_shed_and_slow_ones_time_out() {
         .execute(&mut *lock)
         .await
         .expect("lock");
+    // The limit is the port's, not each route's: three requests to three routes at once, all
+    // slow (Redis gone, the table locked), with `maxRequests: 2`: one is shed.
+    let mixed: Vec<_> = [
+        "/v1/screens/deals",
+        "/v1/widgets?keys=deals.top",
+        "/v1/screens/big",
+    ]
+    .into_iter()
+    .map(|path| {
+        let addr = api.public.clone();
+        tokio::spawn(async move { http_get(&addr, path, &[]).await })
+    })
+    .collect();
+    let mut shed = 0;
+    for m in mixed {
+        let r = m.await.expect("join").expect("an answer");
+        if r.status == 503 && r.body.contains("overloaded") {
+            shed += 1;
+        }
+    }
+    assert!(shed >= 1, "one limit for the whole port");
+
     let started = Instant::now();
     let r = http_get(&api.public, "/v1/widgets?keys=deals.big-1", &[])
         .await

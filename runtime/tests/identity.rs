@@ -118,9 +118,10 @@ async fn jwt_identity_serves_only_the_verified_user() {
     let dir = tempfile::tempdir().expect("tempdir");
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, json!({"keys": [trusted.jwk]}).to_string()).expect("jwks");
+    // The default algorithms (RS256 and ES256): a list mixing key families must work.
     let config = format!(
         "{SCREENS}identity:\n  mode: jwt\n  jwt: {{issuer: \"{ISSUER}\", audience: {AUDIENCE}, \
-         algorithms: [ES256], leeway: 5s, keyFile: {}}}\n",
+         leeway: 5s, keyFile: {}}}\n",
         jwks.display()
     );
     let stack = Stack::with_config(&config).await;

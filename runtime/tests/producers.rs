@@ -362,7 +362,12 @@ async fn widget_enqueue_is_applied_served_and_rolled_back_with_its_transaction()
     assert_eq!(version, 3);
     Outbox::enqueue(
         &mut tx,
-        &WidgetEvent::upsert("deals.top-picks", "card", version, json!({"title": "third"})),
+        &WidgetEvent::upsert(
+            "deals.top-picks",
+            "card",
+            version,
+            json!({"title": "third"}),
+        ),
     )
     .await
     .expect("library enqueue");

@@ -261,13 +261,14 @@ impl JwtVerifier {
                     _ => true,
                 }
         });
+        // jsonwebtoken refuses a key unless every algorithm of the validation is of the key's
+        // family: validate with the token's own algorithm (checked above to be accepted), so
+        // a list mixing RSA and EC algorithms, or a JWKS mixing RSA and EC keys, works.
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![head.alg];
         let mut last = None;
         for k in candidates {
-            match decode::<serde_json::Map<String, serde_json::Value>>(
-                token,
-                &k.key,
-                &self.validation,
-            ) {
+            match decode::<serde_json::Map<String, serde_json::Value>>(token, &k.key, &validation) {
                 Ok(data) => {
                     return match data.claims.get(&self.user_claim) {
                         Some(serde_json::Value::String(s)) => checked(s),
@@ -281,8 +282,15 @@ impl JwtVerifier {
                         ))
                     });
                 }
-                // A wrong key (JWKS without kids) is the only reason to try the next one.
-                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
+                // A wrong key (a JWKS without kids, or a key of another family) is the only
+                // reason to try the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        jsonwebtoken::errors::ErrorKind::InvalidSignature
+                            | jsonwebtoken::errors::ErrorKind::InvalidAlgorithm
+                    ) =>
+                {
                     last = Some(e);
                 }
                 Err(e) => return Err(invalid(&reason(&e))),
@@ -350,8 +358,10 @@ fn read_key_file(path: &std::path::Path) -> Result<(Vec<Key>, Option<SystemTime>
         path: path.display().to_string(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    // The time first: a file replaced between the two (a Secret's symlink swap) is then read
+    // in its new version under the old time, and read again at the next check.
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     Ok((parse_keys(&text).map_err(err)?, modified))
 }
 
