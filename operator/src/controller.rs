@@ -371,13 +371,23 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
 
     let secrets = read_secrets(wp, &Api::namespaced(client.clone(), &ns), &mut problems).await?;
     let rendered = render::render(wp, &secrets.versions)?;
-    let conflict = match &secrets.redis_url {
+    let names = match &secrets.redis_url {
         Some(url) => claim_names(wp, &ns, url, &rendered.config, ctx).await,
-        None => None,
+        // No Redis URL yet (its Secret is missing): the pods cannot start without it, so the
+        // children are applied as before and the names are claimed once the URL is readable.
+        None => Names::Ours,
     };
-    if let Some(message) = &conflict {
-        problems.push("Conflict", message.clone());
-    }
+    // Unclaimed: nothing new is applied (the names may be another pipeline's) and nothing is
+    // pruned; the claim is tried again on the next reconcile.
+    let (conflict, hold) = match &names {
+        Names::Ours => (None, false),
+        Names::Conflict(message) => {
+            problems.push("Conflict", message.clone());
+            (Some(message.clone()), true)
+        }
+        // Reported after the probe: when Redis is unreachable, that is the cause to show.
+        Names::Unclaimed(_) => (None, true),
+    };
     // A pipeline refused for a conflict runs nothing: its workers would write into another
     // pipeline's stream, its API serve another pipeline's cache.
     let expected: Vec<String> = match conflict {
@@ -391,13 +401,13 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
     let mut live_deployments = existing.clone();
 
     let mut applied = Vec::new();
-    if !wp.spec.paused && conflict.is_none() {
+    if !wp.spec.paused && !hold {
         let live_cms = children(&config_maps, wp).await?;
         let live_svcs = children(&services, wp).await?;
         let find =
             |list: &[ConfigMap], name: &str| list.iter().find(|o| o.name_any() == name).cloned();
         let live_cm = find(&live_cms, &rendered.config_map.name_any());
-        apply(
+        let config_applied = apply(
             &config_maps,
             &rendered.config_map,
             live_cm.as_ref(),
@@ -405,9 +415,17 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
             &mut applied,
             &mut problems,
         )
-        .await?;
+        .await?
+        .is_some();
         let mut after = Vec::with_capacity(rendered.deployments.len());
-        for desired in &rendered.deployments {
+        // Pods must never mount a config someone else wrote under the pipeline's name.
+        let deployments_to_apply = if config_applied {
+            rendered.deployments.as_slice()
+        } else {
+            after.extend(live_deployments.iter().cloned());
+            &[]
+        };
+        for desired in deployments_to_apply {
             let live = live_deployments
                 .iter()
                 .find(|d| d.name_any() == desired.name_any());
@@ -437,7 +455,7 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
         live_deployments = after;
     }
 
-    if !wp.spec.paused {
+    if !wp.spec.paused && !matches!(names, Names::Unclaimed(_)) {
         let mut pruned = Vec::new();
         for stale in existing
             .iter()
@@ -497,6 +515,14 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
         },
         None => None,
     };
+    if let Names::Unclaimed(why) = names {
+        problems.push(
+            "NamesUnclaimed",
+            format!(
+                "cannot claim the stream and cache prefix on Redis ({why}); nothing new is applied"
+            ),
+        );
+    }
     write_status(
         wp,
         ctx,
@@ -511,54 +537,69 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
     Ok(Action::requeue(ctx.refresh))
 }
 
-/// Claims the pipeline's stream and cache prefix on its Redis ([`tenancy`]); returns why the
-/// pipeline is refused, if another live pipeline holds them. A Redis that cannot be reached is
-/// not a conflict (the probe reports it).
+/// What the claim of a pipeline's names found.
+enum Names {
+    Ours,
+    /// Another live pipeline (or something else) holds one: the message says which.
+    Conflict(String),
+    /// The claim could not be made (Redis unreachable, or the user may not run it).
+    Unclaimed(&'static str),
+}
+
+/// Claims the pipeline's stream and cache prefix on its Redis ([`tenancy`]). A claim held by a
+/// pipeline that is gone (deleted, or re-created with a new uid) is taken over, that claim
+/// only: each key is checked the same way, so a dead pipeline's stream never carries a live
+/// pipeline's prefix with it.
 async fn claim_names(
     wp: &WidgetPipeline,
     ns: &str,
     url: &str,
     config: &widget_runtime::config::Config,
     ctx: &Context,
-) -> Option<String> {
+) -> Names {
     let owner = tenancy::Owner {
         namespace: ns.to_string(),
         name: wp.name_any(),
         uid: wp.uid().unwrap_or_default(),
     };
-    let (held, by) = match tenancy::claim(url, config, &owner, false).await {
-        Ok(tenancy::Claim::Ours) => return None,
-        Ok(tenancy::Claim::Taken { key, by }) => (key, by),
-        Err(e) => {
-            tracing::debug!(pipeline = %key(wp), error = %e.detail, "claim failed");
-            return None;
+    let mut stale: Option<tenancy::Owner> = None;
+    // One round per claimed key at most (a stream and a prefix), and one to write.
+    for _ in 0..3 {
+        let (held, by) = match tenancy::claim(url, config, &owner, stale.as_ref()).await {
+            Ok(tenancy::Claim::Ours) => {
+                if let Some(previous) = &stale {
+                    tracing::info!(pipeline = %key(wp), %previous, "took over names of a pipeline that is gone");
+                }
+                return Names::Ours;
+            }
+            Ok(tenancy::Claim::Taken { key, by }) => (key, by),
+            Err(e) => {
+                tracing::warn!(pipeline = %key(wp), error = %e.detail, "claiming the pipeline's names failed");
+                return Names::Unclaimed(e.reason);
+            }
+        };
+        if by.namespace.is_empty() {
+            return Names::Conflict(format!(
+                "`{held}` on this pipeline's Redis is held by something other than a pipeline: \
+                 set a distinct stream.name and cache.keyPrefix"
+            ));
         }
-    };
-    // The claimant may be gone (deleted, or re-created with a new uid): then the names are free.
-    let alive = if by.namespace.is_empty() {
-        true
-    } else {
         let api: Api<WidgetPipeline> = Api::namespaced(ctx.client.clone(), &by.namespace);
-        match api.get_opt(&by.name).await {
+        let alive = match api.get_opt(&by.name).await {
             Ok(Some(other)) => other.uid().as_deref() == Some(by.uid.as_str()),
             Ok(None) => false,
             // Not allowed to look (a namespaced install) or not answered: assume it lives.
             Err(_) => true,
+        };
+        if alive {
+            return Names::Conflict(format!(
+                "`{held}` on this pipeline's Redis is held by pipeline {by}: set a distinct \
+                 stream.name and cache.keyPrefix (the defaults are unique per namespace and name)"
+            ));
         }
-    };
-    if !alive && tenancy::claim(url, config, &owner, true).await.is_ok() {
-        tracing::info!(pipeline = %key(wp), previous = %by, "took over names of a pipeline that is gone");
-        return None;
+        stale = Some(by);
     }
-    let held_by = if by.namespace.is_empty() {
-        "something other than a pipeline".to_string()
-    } else {
-        format!("pipeline {by}")
-    };
-    Some(format!(
-        "`{held}` on this pipeline's Redis is held by {held_by}: set a distinct stream.name and \
-         cache.keyPrefix (the defaults are unique per namespace and name)"
-    ))
+    Names::Unclaimed("claims keep changing")
 }
 
 /// Builds the status and patches it (server-side apply on the status subresource) when it

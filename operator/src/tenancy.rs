@@ -60,25 +60,26 @@ pub fn claim_keys(config: &Config) -> [String; 2] {
     ]
 }
 
-/// Claims every key that is free (or already ours) in one step; the first key held by another
-/// owner is returned and nothing is written. With `take_over`, that owner's claim is replaced.
+/// Claims every key in one step if each is free, already ours, or held by exactly `stale` (a
+/// claimant found gone); otherwise the first key held by anyone else is returned and nothing
+/// is written. Replacing only `stale`, never "whatever is there", keeps a take-over of one dead
+/// pipeline's stream from taking a live pipeline's cache prefix with it.
 const CLAIM: &str = r#"
-if ARGV[2] ~= '1' then
-  for i, key in ipairs(KEYS) do
-    local v = redis.call('GET', key)
-    if v and v ~= ARGV[1] then return {key, v} end
-  end
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v and v ~= ARGV[1] and v ~= ARGV[2] then return {key, v} end
 end
 for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1]) end
 return 0
 "#;
 
-/// Claims `config`'s names on the Redis at `url` for `owner`.
+/// Claims `config`'s names on the Redis at `url` for `owner`, replacing claims held by
+/// `stale` (a claimant known to be gone), and no other.
 pub async fn claim(
     url: &str,
     config: &Config,
     owner: &Owner,
-    take_over: bool,
+    stale: Option<&Owner>,
 ) -> Result<Claim, ProbeError> {
     let mut con = probe::connect(url).await?;
     let script = Script::new(CLAIM);
@@ -88,7 +89,7 @@ pub async fn claim(
     }
     invocation
         .arg(owner.to_value())
-        .arg(if take_over { "1" } else { "0" });
+        .arg(stale.map(Owner::to_value).unwrap_or_default());
     let reply: redis::Value = invocation.invoke_async(&mut con).await?;
     Ok(match reply {
         redis::Value::Array(items) => {

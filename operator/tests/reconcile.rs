@@ -645,9 +645,14 @@ async fn unreachable_redis_degrades_but_the_rest_of_the_status_is_written() {
     };
     let wp = pipeline();
     let mut script = secret_steps(&format!("redis://127.0.0.1:{closed}/"));
-    script.extend(list_steps(vec![], vec![], vec![]));
-    script.extend(apply_steps(&["deals"]));
-    script.push(event_step());
+    // The names cannot be claimed: nothing new is applied, nothing pruned (the Deployments
+    // are only listed for the status), until Redis answers.
+    script.push(step(
+        Method::GET,
+        format!("{APPS_PATH}/deployments"),
+        SELECTOR,
+        Reply::Json(list("DeploymentList", "apps/v1", vec![])),
+    ));
     script.push(status_step(&wp));
     script.push(event_step());
     let run = run(wp, script).await;
@@ -1203,4 +1208,117 @@ async fn every_granted_verb_is_used() {
             );
         }
     }
+}
+
+/// A dead pipeline's stream claim must not carry a live pipeline's cache prefix with it: the
+/// take-over replaces only the claims of the pipeline found gone.
+#[tokio::test]
+async fn taking_over_a_dead_claim_never_takes_a_live_pipelines_prefix() {
+    let redis = RedisServer::start().await.expect("redis");
+    let config = widget_operator::render::runtime_config(&pipeline()).expect("config");
+    let [stream_key, prefix_key] = widget_operator::tenancy::claim_keys(&config);
+    let mut con = redis.connection().await.expect("connect");
+    for (key, holder) in [
+        (&stream_key, "team-a/home/uid-dead"),
+        (&prefix_key, "team-b/victim/uid-v"),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(holder)
+            .query_async(&mut con)
+            .await
+            .expect("set");
+    }
+    let mut victim = other_pipeline("uid-v");
+    victim["metadata"]["namespace"] = json!("team-b");
+    victim["metadata"]["name"] = json!("victim");
+    let wp = pipeline();
+    let mut script = secret_steps(&redis.url());
+    script.push(step(Method::GET, OTHER, "", Reply::NotFound));
+    script.push(step(
+        Method::GET,
+        "/apis/homewidgets.io/v1alpha1/namespaces/team-b/widgetpipelines/victim",
+        "",
+        Reply::Json(victim),
+    ));
+    script.push(step(
+        Method::GET,
+        format!("{APPS_PATH}/deployments"),
+        SELECTOR,
+        Reply::Json(list("DeploymentList", "apps/v1", vec![])),
+    ));
+    script.push(status_step(&wp));
+    script.push(event_step());
+    let run = run(wp, script).await;
+    run.result.expect("reconcile");
+    let status = patched_status(&run.seen);
+    let ready = cond(&status, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Conflict")
+    );
+    assert!(ready.message.contains("team-b/victim"), "{}", ready.message);
+    for (key, holder) in [
+        (&stream_key, "team-a/home/uid-dead"),
+        (&prefix_key, "team-b/victim/uid-v"),
+    ] {
+        let now: String = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .expect("get");
+        assert_eq!(now, holder, "{key} is untouched");
+    }
+}
+
+/// A ConfigMap of the pipeline's name that someone else owns: the Deployments are not applied,
+/// so no pod mounts a config the pipeline did not write.
+#[tokio::test]
+async fn a_foreign_config_map_stops_the_deployments() {
+    let redis = RedisServer::start().await.expect("redis");
+    let first = first_pass(&redis.url()).await;
+    assert!(first.result.is_ok(), "first pass: {:?}", first.result);
+    let mut foreign = first.stored("/configmaps/home-runtime-config");
+    foreign["metadata"]["ownerReferences"] = json!([]);
+    foreign["data"]["config.yaml"] =
+        json!("pipeline: home\nidentity: {mode: query}\nsources: [{name: deals}]\n");
+    let wp = pipeline();
+    let mut script = secret_steps(&redis.url());
+    script.extend(list_steps(vec![], vec![], vec![]));
+    script.push(step(
+        Method::GET,
+        format!("{NS_PATH}/configmaps/home-runtime-config"),
+        "",
+        Reply::Json(foreign),
+    ));
+    // No Deployment is looked up or applied; the Service still is.
+    script.push(step(
+        Method::GET,
+        format!("{NS_PATH}/services/home-core-api"),
+        "",
+        Reply::NotFound,
+    ));
+    script.push(step(
+        Method::PATCH,
+        format!("{NS_PATH}/services/home-core-api"),
+        APPLY,
+        Reply::Echo,
+    ));
+    script.push(event_step());
+    script.push(status_step(&wp));
+    script.push(event_step());
+    let run = run(wp, script).await;
+    run.result.expect("reconcile");
+    let status = patched_status(&run.seen);
+    let degraded = cond(&status, "Degraded");
+    assert_eq!(degraded.reason, "NameConflict");
+    assert!(
+        degraded.message.contains("ConfigMap"),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        run.seen.iter().all(|s| !s.path.contains("/deployments/")),
+        "no Deployment touched"
+    );
 }

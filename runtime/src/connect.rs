@@ -146,7 +146,10 @@ fn overran_recently() -> bool {
 ///
 /// A call cut off here leaves its connection mid-protocol. sqlx then checks it with a ping
 /// when it goes back to the pool, without a deadline of its own, so on a dead link that check
-/// would hold the pool slot for ever; the pool's release hook (see [`pg_pool`]) gives it one.
+/// would hold the pool slot for ever; the pool's release hook (see [`pg_pool`]) bounds it for
+/// a minute after any overrun. A connection whose link dies right after a call that succeeded
+/// is not covered: sqlx's ping then holds its slot until the kernel gives up on the unacked
+/// data (`tcp_retries2`, about 15 minutes), one slot, while the rest of the pool works.
 pub async fn within<T>(
     limit: Duration,
     call: impl Future<Output = Result<T, sqlx::Error>>,
