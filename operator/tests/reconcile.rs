@@ -274,12 +274,7 @@ const SELECTOR: &str = "labelSelector=homewidgets.io%2Fpipeline%3Dhome";
 
 fn list_steps(deployments: Vec<Value>, config_maps: Vec<Value>, services: Vec<Value>) -> Vec<Step> {
     vec![
-        step(
-            Method::GET,
-            format!("{APPS_PATH}/deployments"),
-            SELECTOR,
-            Reply::Json(list("DeploymentList", "apps/v1", deployments)),
-        ),
+        deployments_step(deployments),
         step(
             Method::GET,
             format!("{NS_PATH}/configmaps"),
@@ -293,6 +288,28 @@ fn list_steps(deployments: Vec<Value>, config_maps: Vec<Value>, services: Vec<Va
             Reply::Json(list("ServiceList", "v1", services)),
         ),
     ]
+}
+
+/// The list of the pipeline's Deployments (read for the status even when nothing is applied).
+fn deployments_step(items: Vec<Value>) -> Step {
+    step(
+        Method::GET,
+        format!("{APPS_PATH}/deployments"),
+        SELECTOR,
+        Reply::Json(list("DeploymentList", "apps/v1", items)),
+    )
+}
+
+/// The deletion of one Deployment.
+fn delete_step(name: &str) -> Step {
+    step(
+        Method::DELETE,
+        format!("{APPS_PATH}/deployments/{name}"),
+        "",
+        Reply::Json(
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+        ),
+    )
 }
 
 const APPLY: &str = "fieldManager=widget-operator&force=true";
@@ -578,12 +595,7 @@ async fn paused_pipeline_changes_no_children_and_says_so() {
     wp.spec.paused = true;
     let mut script = secret_steps(&redis.url());
     // Only the Deployments are read (for status); nothing is applied or pruned.
-    script.push(step(
-        Method::GET,
-        format!("{APPS_PATH}/deployments"),
-        SELECTOR,
-        Reply::Json(list("DeploymentList", "apps/v1", vec![])),
-    ));
+    script.push(deployments_step(vec![]));
     script.push(status_step(&wp));
     let run = run(wp, script).await;
     run.result.expect("reconcile");
@@ -647,12 +659,7 @@ async fn unreachable_redis_degrades_but_the_rest_of_the_status_is_written() {
     let mut script = secret_steps(&format!("redis://127.0.0.1:{closed}/"));
     // The names cannot be claimed: nothing new is applied, nothing pruned (the Deployments
     // are only listed for the status), until Redis answers.
-    script.push(step(
-        Method::GET,
-        format!("{APPS_PATH}/deployments"),
-        SELECTOR,
-        Reply::Json(list("DeploymentList", "apps/v1", vec![])),
-    ));
+    script.push(deployments_step(vec![]));
     script.push(status_step(&wp));
     script.push(event_step());
     let run = run(wp, script).await;
@@ -734,16 +741,7 @@ async fn an_allkeys_eviction_policy_degrades_with_a_warning_but_the_reconcile_su
 async fn invalid_spec_is_reported_and_waits_for_a_change() {
     let mut wp = pipeline();
     wp.spec.sources[0].poll_interval = "soon".into();
-    let script = vec![
-        step(
-            Method::GET,
-            format!("{APPS_PATH}/deployments"),
-            SELECTOR,
-            Reply::Json(list("DeploymentList", "apps/v1", vec![])),
-        ),
-        status_step(&wp),
-        event_step(),
-    ];
+    let script = vec![deployments_step(vec![]), status_step(&wp), event_step()];
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(serve(handle, script));
     let ctx = Arc::new(Context::new(
@@ -938,21 +936,9 @@ async fn a_stream_another_live_pipeline_holds_on_the_same_redis_is_a_conflict_an
         .iter()
         .map(|n| first.stored(&format!("/deployments/{n}")))
         .collect();
-    script.push(step(
-        Method::GET,
-        format!("{APPS_PATH}/deployments"),
-        SELECTOR,
-        Reply::Json(list("DeploymentList", "apps/v1", existing)),
-    ));
+    script.push(deployments_step(existing));
     for n in names {
-        script.push(step(
-            Method::DELETE,
-            format!("{APPS_PATH}/deployments/{n}"),
-            "",
-            Reply::Json(
-                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-            ),
-        ));
+        script.push(delete_step(n));
     }
     script.push(event_step());
     script.push(status_step(&wp));
@@ -1081,16 +1067,7 @@ async fn an_image_outside_the_allow_list_is_refused_and_nothing_is_applied() {
         "{}",
         wp.spec.image
     );
-    let script = vec![
-        step(
-            Method::GET,
-            format!("{APPS_PATH}/deployments"),
-            SELECTOR,
-            Reply::Json(list("DeploymentList", "apps/v1", vec![])),
-        ),
-        status_step(&wp),
-        event_step(),
-    ];
+    let script = vec![deployments_step(vec![]), status_step(&wp), event_step()];
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = tokio::spawn(serve(handle, script));
     let ctx = Arc::new(
@@ -1148,14 +1125,7 @@ async fn every_granted_verb_is_used() {
         vec![stored("/configmaps/home-runtime-config")],
         vec![stored("/services/home-core-api")],
     ));
-    script.push(step(
-        Method::DELETE,
-        format!("{APPS_PATH}/deployments/home-outbox-loyalty"),
-        "",
-        Reply::Json(
-            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-        ),
-    ));
+    script.push(delete_step("home-outbox-loyalty"));
     script.push(event_step());
     script.push(status_step(&pipeline()));
     let prune = run(pipeline(), script).await;
@@ -1241,12 +1211,7 @@ async fn taking_over_a_dead_claim_never_takes_a_live_pipelines_prefix() {
         "",
         Reply::Json(victim),
     ));
-    script.push(step(
-        Method::GET,
-        format!("{APPS_PATH}/deployments"),
-        SELECTOR,
-        Reply::Json(list("DeploymentList", "apps/v1", vec![])),
-    ));
+    script.push(deployments_step(vec![]));
     script.push(status_step(&wp));
     script.push(event_step());
     let run = run(wp, script).await;
