@@ -72,6 +72,7 @@ impl Component {
             .arg(&admin)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "warn")
+            .stdout(std::fs::File::create(dir.path().join("out.log")).expect("log file"))
             .kill_on_drop(true)
             .spawn()
             .expect("start widget-runtime");
@@ -81,6 +82,11 @@ impl Component {
             public,
             _dir: dir,
         }
+    }
+
+    /// What the process logged so far (warnings and errors; components log to stdout).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("out.log")).unwrap_or_default()
     }
 
     /// The /readyz status, `None` when nothing answers.
@@ -631,6 +637,54 @@ async fn a_reclaim_pass_longer_than_its_interval_does_not_starve_new_entries() {
         all_stored(&core, 5, 1, Duration::from_secs(20)).await,
         "new entries are read and applied between overrunning reclaim passes"
     );
+    let took = ingester.terminate(STOP_WITHIN).await;
+    assert!(took.is_ok(), "{took:?}");
+}
+
+/// Pages that keep timing out shrink: 40 entries of 60 KB wait in the stream before the
+/// ingester starts, behind a link so slow (100 ms per chunk of at most 64 KiB) that a page of
+/// all of them outlasts its response timeout (1 s, plus the 2 s block time for reads). Each
+/// timed-out page halves the next (the entries a timed-out read delivered come back through
+/// reclaim), and pages do not grow back straight away, until they fit: everything is applied,
+/// nothing is dead-lettered. It takes about 45 s, so it is left out of the default run:
+/// `cargo nextest run -p widget-runtime --test deadlines --run-ignored all pages_that`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (about 45 s): run with --run-ignored"]
+async fn pages_that_time_out_shrink_until_they_fit() {
+    let stack = Stack::with_config(&CONFIG.replace(
+        "minIdle: 2s, interval: 500ms, maxDeliveries: 3",
+        "minIdle: 1s, interval: 500ms, maxDeliveries: 50",
+    ))
+    .await;
+    let redis_proxy = TcpProxy::start(stack.redis.port())
+        .await
+        .expect("redis proxy");
+    let blob = "x".repeat(60_000);
+    let events: Vec<StreamEvent> = (0..40)
+        .map(|k| StreamEvent {
+            content: Some(json!({"blob": blob, "k": k}).to_string().into_bytes()),
+            ..upsert(&format!("deals.w-{k}"), 1)
+        })
+        .collect();
+    xadd_all(&stack, &events).await;
+    redis_proxy.set_latency(Duration::from_millis(100));
+    let env = [
+        ("REDIS_URL", redis_url(&redis_proxy)),
+        ("CORE_DATABASE_URL", stack.core_url.clone()),
+    ];
+    let ingester = Component::start("ingester", &["--consumer", "paged"], &env, &stack).await;
+    let core = stack.pool(&stack.core_url).await;
+    assert!(
+        all_stored(&core, 40, 1, Duration::from_secs(120)).await,
+        "every entry is applied once pages are small enough"
+    );
+    assert!(
+        ingester.log().contains("asking for fewer"),
+        "pages did time out and shrink: {}",
+        ingester.log()
+    );
+    assert_eq!(dead_letters(&stack).await, 0, "nothing dead-lettered");
+    redis_proxy.set_latency(Duration::ZERO);
     let took = ingester.terminate(STOP_WITHIN).await;
     assert!(took.is_ok(), "{took:?}");
 }

@@ -40,6 +40,9 @@ pub const DEFAULT_BATCH_SIZE: usize = 500;
 /// Longest XREADGROUP block; the read wakes earlier when a reclaim pass is due.
 pub const MAX_BLOCK: Duration = Duration::from_secs(2);
 
+/// How long a page size that timed out is kept before pages may grow again.
+const PAGE_GROWTH_PAUSE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("ingester task failed: {0}")]
@@ -226,6 +229,7 @@ impl Ingester {
             group_ready: false,
             epoch: None,
             page_count,
+            grow_after: Instant::now(),
         };
         worker.drive(&cancel).await;
         let consumer = worker.consumer.clone();
@@ -387,6 +391,9 @@ struct Worker {
     /// Entries asked for per read or claim page: halved while pages time out (a few huge
     /// entries), so the entry at fault is isolated and the rest flow; grows back after.
     page_count: usize,
+    /// No growing before this: right after a timeout, doubling back at once would run into
+    /// the same timeout every other page.
+    grow_after: Instant,
 }
 
 impl Worker {
@@ -494,17 +501,24 @@ impl Worker {
             block,
         )
         .await;
-        self.adapt_page(&entries);
+        self.adapt_page(entries.as_ref().map(Vec::len));
         let entries = entries?;
         self.links.redis_ok();
         Ok(entries)
     }
 
-    /// Halves the page size after a timed-out read or claim, doubles it back after a success.
-    fn adapt_page<T>(&mut self, outcome: &redis::RedisResult<T>) {
+    /// Halves the page size after a timed-out read or claim; doubles it back only after a full
+    /// page came back in time, and not within [`PAGE_GROWTH_PAUSE`] of a timeout. (Growing
+    /// after any success let an empty read between two claims of the same huge entries undo
+    /// each halving, so the pages never got small enough.)
+    fn adapt_page(&mut self, outcome: Result<usize, &redis::RedisError>) {
         match outcome {
-            Ok(_) => self.page_count = (self.page_count * 2).min(self.s.batch_size),
+            Ok(n) if n >= self.page_count && Instant::now() >= self.grow_after => {
+                self.page_count = (self.page_count * 2).min(self.s.batch_size)
+            }
+            Ok(_) => {}
             Err(e) if e.is_timeout() => {
+                self.grow_after = Instant::now() + PAGE_GROWTH_PAUSE;
                 self.page_count = (self.page_count / 2).max(1);
                 tracing::warn!(
                     count = self.page_count,

@@ -147,7 +147,7 @@ impl Worker {
                 )
                 .await
             };
-            self.adapt_page(&page);
+            self.adapt_page(page.as_ref().map(|p| p.claimed.len() + p.deleted.len()));
             let page = match page {
                 Ok(p) => p,
                 Err(e) if consumer::is_nogroup(&e) => {
