@@ -76,32 +76,30 @@ BEGIN
 END
 $$;
 
--- Queues an upsert of a widget in the caller's transaction; returns the outbox row id.
-CREATE OR REPLACE FUNCTION widget_enqueue(key text, type text, version bigint, content jsonb)
+-- Checks an event and queues it in the caller's transaction; returns the outbox row id.
+CREATE OR REPLACE FUNCTION widget_queue(key text, type text, version bigint, content jsonb, op text)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     id bigint;
 BEGIN
-    PERFORM widget_check(key, type, version, content, false);
+    PERFORM widget_check(key, type, version, content, op = 'delete');
     INSERT INTO widget_outbox (widget_key, widget_type, data_version, op, content)
-    VALUES (key, type, version, 'upsert', content)
+    VALUES (key, type, version, op, content)
     RETURNING widget_outbox.id INTO id;
     RETURN id;
 END
 $$;
 
+-- Queues an upsert of a widget in the caller's transaction; returns the outbox row id.
+CREATE OR REPLACE FUNCTION widget_enqueue(key text, type text, version bigint, content jsonb)
+RETURNS bigint LANGUAGE sql AS $$
+    SELECT widget_queue(key, type, version, content, 'upsert')
+$$;
+
 -- Queues the deletion of a widget (a tombstone at `version`) in the caller's transaction.
 CREATE OR REPLACE FUNCTION widget_delete(key text, version bigint, type text DEFAULT 'deleted')
-RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE
-    id bigint;
-BEGIN
-    PERFORM widget_check(key, type, version, NULL, true);
-    INSERT INTO widget_outbox (widget_key, widget_type, data_version, op, content)
-    VALUES (key, type, version, 'delete', NULL)
-    RETURNING widget_outbox.id INTO id;
-    RETURN id;
-END
+RETURNS bigint LANGUAGE sql AS $$
+    SELECT widget_queue(key, type, version, NULL, 'delete')
 $$;
 
 -- Versions that cannot go backwards: a per-key counter bumped in the producer's transaction

@@ -371,8 +371,14 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
 
     let secrets = read_secrets(wp, &Api::namespaced(client.clone(), &ns), &mut problems).await?;
     let rendered = render::render(wp, &secrets.versions)?;
-    let names = match &secrets.redis_url {
-        Some(url) => claim_names(wp, &ns, url, &rendered.config, ctx).await,
+    // One connection for the claim and the probe.
+    let mut redis = match &secrets.redis_url {
+        Some(url) => Some(probe::connect(url).await),
+        None => None,
+    };
+    let names = match &mut redis {
+        Some(Ok(con)) => claim_names(wp, &ns, con, &rendered.config, ctx).await,
+        Some(Err(e)) => Names::Unclaimed(e.reason),
         // No Redis URL yet (its Secret is missing): the pods cannot start without it, so the
         // children are applied as before and the names are claimed once the URL is readable.
         None => Names::Ours,
@@ -496,23 +502,26 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
         live_deployments.retain(|d| expected.contains(&d.name_any()));
     }
 
-    let live = match &secrets.redis_url {
+    let probed = match redis {
         // A conflicting pipeline's stream and stats are another pipeline's figures.
         Some(_) if conflict.is_some() => None,
-        Some(url) => match probe::probe(url, &rendered.config).await {
-            Ok(live) => {
-                status::live_problems(&live, &mut problems);
-                Some(live)
-            }
-            Err(e) => {
-                tracing::warn!(pipeline = %key(wp), error = %e.detail, "probe failed");
-                problems.push(
-                    "RedisUnreachable",
-                    format!("cannot read stats from Redis: {e}"),
-                );
-                None
-            }
-        },
+        Some(Ok(mut con)) => Some(probe::read(&mut con, &rendered.config).await),
+        Some(Err(e)) => Some(Err(e)),
+        None => None,
+    };
+    let live = match probed {
+        Some(Ok(live)) => {
+            status::live_problems(&live, &mut problems);
+            Some(live)
+        }
+        Some(Err(e)) => {
+            tracing::warn!(pipeline = %key(wp), error = %e.detail, "probe failed");
+            problems.push(
+                "RedisUnreachable",
+                format!("cannot read stats from Redis: {e}"),
+            );
+            None
+        }
         None => None,
     };
     if let Names::Unclaimed(why) = names {
@@ -553,7 +562,7 @@ enum Names {
 async fn claim_names(
     wp: &WidgetPipeline,
     ns: &str,
-    url: &str,
+    con: &mut redis::aio::MultiplexedConnection,
     config: &widget_runtime::config::Config,
     ctx: &Context,
 ) -> Names {
@@ -565,7 +574,7 @@ async fn claim_names(
     let mut stale: Option<tenancy::Owner> = None;
     // One round per claimed key at most (a stream and a prefix), and one to write.
     for _ in 0..3 {
-        let (held, by) = match tenancy::claim(url, config, &owner, stale.as_ref()).await {
+        let (held, by) = match tenancy::claim(con, config, &owner, stale.as_ref()).await {
             Ok(tenancy::Claim::Ours) => {
                 if let Some(previous) = &stale {
                     tracing::info!(pipeline = %key(wp), %previous, "took over names of a pipeline that is gone");

@@ -67,8 +67,14 @@ pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, Pro
 
 /// Reads the figures for `config`'s pipeline from the Redis at `url`.
 pub async fn probe(url: &str, config: &Config) -> Result<LiveStatus, ProbeError> {
-    let mut con = connect(url).await?;
+    read(&mut connect(url).await?, config).await
+}
 
+/// Reads the figures for `config`'s pipeline on an open connection.
+pub async fn read(
+    con: &mut redis::aio::MultiplexedConnection,
+    config: &Config,
+) -> Result<LiveStatus, ProbeError> {
     let stream = config.stream_name();
     let stream_length: i64 = con.xlen(&stream).await?;
     let dead_letter_length: i64 = con.xlen(config.dead_letter_stream()).await?;
@@ -87,7 +93,7 @@ pub async fn probe(url: &str, config: &Config) -> Result<LiveStatus, ProbeError>
         (Some(0), 0)
     };
     let stats: HashMap<String, String> = con.hgetall(config.stats_key()).await?;
-    let maxmemory_policy = maxmemory_policy(&mut con).await;
+    let maxmemory_policy = maxmemory_policy(con).await;
     Ok(live_status(
         config,
         &Readings {

@@ -11,7 +11,7 @@
 use redis::Script;
 use widget_runtime::config::Config;
 
-use crate::probe::{self, ProbeError};
+use crate::probe::ProbeError;
 
 /// Who holds a pipeline's names on its Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,15 +73,14 @@ for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[1]) end
 return 0
 "#;
 
-/// Claims `config`'s names on the Redis at `url` for `owner`, replacing claims held by
+/// Claims `config`'s names on the Redis of `con` for `owner`, replacing claims held by
 /// `stale` (a claimant known to be gone), and no other.
 pub async fn claim(
-    url: &str,
+    con: &mut redis::aio::MultiplexedConnection,
     config: &Config,
     owner: &Owner,
     stale: Option<&Owner>,
 ) -> Result<Claim, ProbeError> {
-    let mut con = probe::connect(url).await?;
     let script = Script::new(CLAIM);
     let mut invocation = script.prepare_invoke();
     for key in claim_keys(config) {
@@ -90,7 +89,7 @@ pub async fn claim(
     invocation
         .arg(owner.to_value())
         .arg(stale.map(Owner::to_value).unwrap_or_default());
-    let reply: redis::Value = invocation.invoke_async(&mut con).await?;
+    let reply: redis::Value = invocation.invoke_async(con).await?;
     Ok(match reply {
         redis::Value::Array(items) => {
             let text = |v: Option<&redis::Value>| match v {

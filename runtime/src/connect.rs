@@ -42,14 +42,6 @@ impl Redis {
         })
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    pub fn response_timeout(&self) -> Duration {
-        self.settings.response_timeout
-    }
-
     /// A reconnecting multiplexed connection for ordinary commands. Each command that meets a
     /// dead connection fails (it is not retried); the next one reconnects.
     pub async fn manager(&self) -> redis::RedisResult<ConnectionManager> {

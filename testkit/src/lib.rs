@@ -50,6 +50,45 @@ fn port_taken(e: &Error) -> bool {
     e.to_string().contains("Address already in use")
 }
 
+/// A server started on a probed free port.
+trait OnPort: Sized {
+    fn set_port(&mut self, port: u16);
+    async fn start_again(&mut self) -> Result<()>;
+}
+
+/// Starts `server`; the probed port can be taken by another process between the probe and the
+/// server's bind (many tests start servers at once), so on that error pick another and retry.
+async fn start_on_free_port<S: OnPort>(mut server: S) -> Result<S> {
+    let mut attempts = 0;
+    loop {
+        match server.start_again().await {
+            Err(e) if attempts < 5 && port_taken(&e) => {
+                attempts += 1;
+                server.set_port(free_port()?);
+            }
+            other => return other.map(|()| server),
+        }
+    }
+}
+
+impl OnPort for PgServer {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+    async fn start_again(&mut self) -> Result<()> {
+        PgServer::start_again(self).await
+    }
+}
+
+impl OnPort for RedisServer {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+    async fn start_again(&mut self) -> Result<()> {
+        RedisServer::start_again(self).await
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY-free check: `id -u` avoids a libc dependency.
     Command::new("id")
@@ -268,25 +307,14 @@ impl PgServer {
         if let Some(u) = &user {
             chown(dir.path(), u)?;
         }
-        let mut server = PgServer {
+        start_on_free_port(PgServer {
             bindir,
             user,
             dir,
             port: free_port()?,
             child: None,
-        };
-        // The free port can be taken by another process between our probe and the server's
-        // bind (many tests start servers at once): pick another and try again.
-        let mut attempts = 0;
-        loop {
-            match server.start_again().await {
-                Err(e) if attempts < 5 && port_taken(&e) => {
-                    attempts += 1;
-                    server.port = free_port()?;
-                }
-                other => return other.map(|()| server),
-            }
-        }
+        })
+        .await
     }
 
     pub fn port(&self) -> u16 {
@@ -453,25 +481,15 @@ impl RedisServer {
             .prefix("testkit-redis-")
             .tempdir()
             .map_err(io("create temp dir"))?;
-        let mut server = RedisServer {
+        start_on_free_port(RedisServer {
             binary,
             dir,
             port: free_port()?,
             child: None,
             args,
             master_port,
-        };
-        // As for Postgres: the probed port may be taken before the server binds it.
-        let mut attempts = 0;
-        loop {
-            match server.start_again().await {
-                Err(e) if attempts < 5 && port_taken(&e) => {
-                    attempts += 1;
-                    server.port = free_port()?;
-                }
-                other => return other.map(|()| server),
-            }
-        }
+        })
+        .await
     }
 
     pub fn port(&self) -> u16 {
