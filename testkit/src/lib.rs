@@ -394,7 +394,9 @@ impl PgServer {
                     tail(&self.log_path())
                 )));
             }
-            if let Ok(conn) = sqlx::PgConnection::connect(&self.url("postgres")).await {
+            // Each attempt bounded, so the 30 s limit holds even if a connect never answers.
+            let attempt = sqlx::PgConnection::connect(&self.url("postgres"));
+            if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
                 let _ = conn.close().await;
                 return Ok(());
             }
