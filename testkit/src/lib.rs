@@ -140,8 +140,12 @@ fn tail(path: &Path) -> String {
 }
 
 fn signal(child: &Child, sig: &str) {
+    signal_pid(child.id(), sig);
+}
+
+fn signal_pid(pid: u32, sig: &str) {
     let _ = Command::new("kill")
-        .args([format!("-{sig}"), child.id().to_string()])
+        .args([format!("-{sig}"), pid.to_string()])
         .status();
 }
 
@@ -422,6 +426,69 @@ impl PgServer {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// The postmaster's process id, while the server runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The postmaster and every process it started (backends, checkpointer, WAL writer...).
+    pub fn pids(&self) -> Vec<u32> {
+        self.pid().map(with_descendants).unwrap_or_default()
+    }
+
+    /// Freezes the whole server (SIGSTOP to the postmaster and every backend): open connections
+    /// stay open and new ones are accepted by the kernel, but nothing answers, as when a failed
+    /// primary stops responding. [`PgServer::resume`] undoes it.
+    pub fn pause(&self) {
+        for pid in self.pids() {
+            signal_pid(pid, "STOP");
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT to all its processes).
+    pub fn resume(&self) {
+        for pid in self.pids() {
+            signal_pid(pid, "CONT");
+        }
+    }
+}
+
+/// `pid` and its descendants, from `/proc` (empty where there is no `/proc`).
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`: comm may hold spaces, so parse after the last ')'.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            if let Some(ppid) = ppid {
+                parents.push((child, ppid));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    found
 }
 
 impl Drop for PgServer {
@@ -682,6 +749,11 @@ impl RedisServer {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 }
 

@@ -83,15 +83,15 @@ impl TcpProxy {
         self.target.send_modify(|_| {});
     }
 
-    /// From now on bytes in both directions are read and dropped, on open connections and on
-    /// new ones (accepted, never connected through). Nothing is closed or reset: a client
-    /// notices only by its own deadlines, as with a failed host or a partition.
     /// Delays every chunk of bytes by `latency` in each direction (so a request and its
     /// reply take at least twice that longer), on open and new connections; zero ends it.
     pub fn set_latency(&self, latency: Duration) {
         self.latency.send_replace(latency);
     }
 
+    /// From now on bytes in both directions are read and dropped, on open connections and on
+    /// new ones (accepted, never connected through). Nothing is closed or reset: a client
+    /// notices only by its own deadlines, as with a failed host or a partition.
     pub fn blackhole(&self) {
         self.blackholed.send_replace(Hole::All);
     }

@@ -1,0 +1,182 @@
+//! The tables the suite prints (Markdown, so they paste into the README as they are).
+
+use std::fmt::Write;
+
+use crate::{LoadRow, Outcome, SoakSample};
+
+pub fn chaos_table(outcomes: &[Outcome]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| scenario | produced | applied | duplicates | reclaimed | replayed | dead-lettered | lost | stale | screens 2xx during fault | screen p99 during fault | went back | lag p99 after recovery | drain |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for o in outcomes {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | {:.1}% | {} ms | {} | {} ms | {} s |",
+            o.scenario,
+            o.produced,
+            o.applied,
+            o.duplicates,
+            o.reclaimed,
+            o.replayed,
+            o.dead_lettered,
+            o.lost,
+            o.stale,
+            o.availability * 100.0,
+            o.screen_p99_ms,
+            o.went_back,
+            o.lag_p99_ms,
+            o.drain_s
+        );
+    }
+    out
+}
+
+/// Each scenario's checks, and what went wrong.
+pub fn chaos_checks(outcomes: &[Outcome]) -> String {
+    let mut out = String::new();
+    for o in outcomes {
+        let _ = writeln!(
+            out,
+            "{} {} ({})",
+            if o.passed() { "PASS" } else { "FAIL" },
+            o.scenario,
+            o.fault
+        );
+        for c in &o.checks {
+            let _ = writeln!(
+                out,
+                "    [{}] {}: {}",
+                if c.ok { "ok" } else { "FAILED" },
+                c.what,
+                c.detail
+            );
+        }
+        for p in &o.problems {
+            let _ = writeln!(out, "    [FAILED] {p}");
+        }
+    }
+    out
+}
+
+pub fn load_table(rows: &[LoadRow]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| offered events/s | produced/s | ingested/s | lag p50 | lag p99 | lag max | screen reads/s | screen p99 | screens 2xx | invariant after drain |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} ms | {} ms | {} ms | {} | {} ms | {:.1}% | {} |",
+            r.offered,
+            r.produced_per_s,
+            r.applied_per_s,
+            r.lag_p50_ms,
+            r.lag_p99_ms,
+            r.lag_max_ms,
+            r.screen_reads_per_s,
+            r.screen_p99_ms,
+            r.availability * 100.0,
+            if r.invariant_holds {
+                "holds".to_string()
+            } else {
+                format!("{} lost, {} stale", r.lost, r.stale)
+            }
+        );
+    }
+    if let Some(first) = rows.first() {
+        out.push_str("\nCPU (share of one core) / RSS MiB per process:\n\n| process |");
+        for r in rows {
+            let _ = write!(out, " {}/s |", r.offered);
+        }
+        out.push_str("\n| --- |");
+        for _ in rows {
+            out.push_str(" ---: |");
+        }
+        out.push('\n');
+        for (i, (name, _, _)) in first.processes.iter().enumerate() {
+            let _ = write!(out, "| {name} |");
+            for r in rows {
+                match r.processes.get(i) {
+                    Some((_, cpu, rss)) => {
+                        let _ = write!(out, " {cpu:.2} / {rss} |");
+                    }
+                    None => out.push_str(" - |"),
+                }
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Growth over the soak: the first sample after warm-up against the last, per process.
+pub struct Growth {
+    pub name: String,
+    pub rss_first: f64,
+    pub rss_last: f64,
+    pub rss_max: f64,
+    pub sockets_first: usize,
+    pub sockets_last: usize,
+    pub sockets_max: usize,
+}
+
+impl Growth {
+    /// Memory within 20% (+16 MiB for allocator noise) of its early level, and no more than 4
+    /// sockets above it: nothing grows with time.
+    pub fn steady(&self) -> bool {
+        self.rss_last <= self.rss_first * 1.2 + 16.0 && self.sockets_last <= self.sockets_first + 4
+    }
+}
+
+pub fn soak_growth(samples: &[SoakSample]) -> Vec<Growth> {
+    // The first fifth is warm-up: pools fill, caches and allocator arenas settle.
+    let skip = samples.len() / 5;
+    let Some(first) = samples.get(skip) else {
+        return Vec::new();
+    };
+    let Some(last) = samples.last() else {
+        return Vec::new();
+    };
+    first
+        .processes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, rss, _, sockets))| {
+            let series = samples[skip..].iter().filter_map(|s| s.processes.get(i));
+            Growth {
+                name: name.clone(),
+                rss_first: *rss,
+                rss_last: last.processes.get(i).map_or(0.0, |p| p.1),
+                rss_max: series.clone().map(|p| p.1).fold(0.0, f64::max),
+                sockets_first: *sockets,
+                sockets_last: last.processes.get(i).map_or(0, |p| p.3),
+                sockets_max: series.map(|p| p.3).max().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+pub fn soak_table(growth: &[Growth]) -> String {
+    let mut out = String::from(
+        "| process | RSS MiB after warm-up | RSS MiB at the end | RSS max | sockets after warm-up | at the end | max | steady |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+    );
+    for g in growth {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            g.name,
+            g.rss_first,
+            g.rss_last,
+            g.rss_max,
+            g.sockets_first,
+            g.sockets_last,
+            g.sockets_max,
+            if g.steady() { "yes" } else { "**no**" }
+        );
+    }
+    out
+}
