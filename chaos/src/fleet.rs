@@ -526,6 +526,26 @@ impl Fleet {
         Ok(())
     }
 
+    /// How long until each component reports ready (checked together every 100 ms); `None`
+    /// for one still not ready after `limit`.
+    pub async fn recovery(&self, limit: Duration) -> Vec<(String, Option<Duration>)> {
+        let start = Instant::now();
+        let mut times: Vec<(String, Option<Duration>)> =
+            self.components.iter().map(|c| (c.name.clone(), None)).collect();
+        while start.elapsed() < limit {
+            for (c, (_, t)) in self.components.iter().zip(times.iter_mut()) {
+                if t.is_none() && c.ready(&self.http).await {
+                    *t = Some(start.elapsed());
+                }
+            }
+            if times.iter().all(|(_, t)| t.is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        times
+    }
+
     pub async fn scrape_all(&mut self) {
         let http = self.http.clone();
         for c in &mut self.components {

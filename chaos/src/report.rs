@@ -7,13 +7,13 @@ use crate::{LoadRow, Outcome, SoakSample};
 pub fn chaos_table(outcomes: &[Outcome]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| scenario | produced | applied | duplicates | reclaimed | replayed | dead-lettered | lost | stale | screens 2xx during fault | screen p99 during fault | went back | lag p99 after recovery | drain |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| scenario | produced | applied | duplicates | reclaimed | replayed | dead-lettered | lost | stale | screens 2xx during fault | screen p99 during fault | went back | all ready again after | lag p99 after recovery | drain |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for o in outcomes {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | {:.1}% | {} ms | {} | {} ms | {} s |",
+            "| {} | {} | {} | {} | {} | {} | {} | **{}** | **{}** | {:.1}% | {} ms | {} | {} s | {} ms | {} s |",
             o.scenario,
             o.produced,
             o.applied,
@@ -26,6 +26,7 @@ pub fn chaos_table(outcomes: &[Outcome]) -> String {
             o.availability * 100.0,
             o.screen_p99_ms,
             o.went_back,
+            o.recovered_s,
             o.lag_p99_ms,
             o.drain_s
         );
