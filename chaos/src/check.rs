@@ -179,16 +179,18 @@ pub async fn check(
                 Some(Cached::Deleted { version: 0 }) => matches_absent(exp),
                 Some(Cached::Deleted { version }) => matches(exp, version, true),
             };
-            if !ok && !wrong_in_db.contains(key) {
-                if stale.insert(key.clone()) && v.examples.len() < 8 {
-                    v.examples.push(format!(
-                        "cache {key}: {:?}, expected {exp:?}",
-                        raw.as_deref().and_then(decode_value).map(|c| match c {
-                            Cached::Widget { version, .. } => (version, false),
-                            Cached::Deleted { version } => (version, true),
-                        })
-                    ));
-                }
+            if !ok
+                && !wrong_in_db.contains(key)
+                && stale.insert(key.clone())
+                && v.examples.len() < 8
+            {
+                v.examples.push(format!(
+                    "cache {key}: {:?}, expected {exp:?}",
+                    raw.as_deref().and_then(decode_value).map(|c| match c {
+                        Cached::Widget { version, .. } => (version, false),
+                        Cached::Deleted { version } => (version, true),
+                    })
+                ));
             }
         }
     }

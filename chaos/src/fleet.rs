@@ -374,6 +374,14 @@ impl Fleet {
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, config.to_yaml())?;
 
+        // Component logs go to the fleet's temporary directory, or to WIDGET_CHAOS_LOGS (kept).
+        let logs = match std::env::var_os("WIDGET_CHAOS_LOGS") {
+            Some(d) => {
+                std::fs::create_dir_all(&d)?;
+                PathBuf::from(d)
+            }
+            None => dir.path().to_path_buf(),
+        };
         let mut components = Vec::new();
         for source in SOURCES {
             let redis_link = Link::to(redis.port(), proxied).await?;
@@ -397,7 +405,7 @@ impl Fleet {
                 env,
                 redis_link,
                 db_link,
-                dir.path(),
+                &logs,
             )?);
         }
         for i in 1..=2 {
@@ -421,7 +429,7 @@ impl Fleet {
                 env,
                 redis_link,
                 db_link,
-                dir.path(),
+                &logs,
             )?);
         }
         for i in 1..=2 {
@@ -441,7 +449,7 @@ impl Fleet {
                 env,
                 redis_link,
                 db_link,
-                dir.path(),
+                &logs,
             )?;
             c.public = Some(format!("127.0.0.1:{}", testkit::free_port()?));
             components.push(c);
@@ -530,8 +538,11 @@ impl Fleet {
     /// for one still not ready after `limit`.
     pub async fn recovery(&self, limit: Duration) -> Vec<(String, Option<Duration>)> {
         let start = Instant::now();
-        let mut times: Vec<(String, Option<Duration>)> =
-            self.components.iter().map(|c| (c.name.clone(), None)).collect();
+        let mut times: Vec<(String, Option<Duration>)> = self
+            .components
+            .iter()
+            .map(|c| (c.name.clone(), None))
+            .collect();
         while start.elapsed() < limit {
             for (c, (_, t)) in self.components.iter().zip(times.iter_mut()) {
                 if t.is_none() && c.ready(&self.http).await {

@@ -79,7 +79,8 @@ pub struct Outcome {
     /// Events committed by the producers from the scenario's start to the end of its drain.
     pub produced: u64,
     pub applied: u64,
-    /// Events the version guard absorbed (already applied, or older than what was stored).
+    /// Events the version guard absorbed: duplicates (re-deliveries, re-relays, replays) and
+    /// versions superseded by a newer one already stored or in the same batch.
     pub duplicates: u64,
     pub reclaimed: u64,
     pub replayed: u64,
@@ -195,13 +196,21 @@ async fn run_scenario(
         what: "every component ready again".into(),
         ok: recovery.iter().all(|(_, t)| t.is_some()),
         detail: match (&slowest, recovered_in) {
-            (Some((name, _)), Some(t)) => format!("{} ms after the fault (last: {name})", ms(t)),
+            (Some((name, _)), Some(t)) => format!(
+                "{} ms after the fault (last: {name}; {})",
+                ms(t),
+                recovery
+                    .iter()
+                    .map(|(n, t)| format!("{n} {} ms", t.map_or(f64::NAN, ms)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             _ => format!(
                 "not ready after 30 s: {}",
                 recovery
                     .iter()
                     .filter(|(_, t)| t.is_none())
-                    .map(|(n, _)| fleet.get(n).name.clone() + ":\n" + &fleet.get(n).log_tail(10))
+                    .map(|(n, _)| format!("{n}:\n{}", fleet.get(n).log_tail(10)))
                     .collect::<Vec<_>>()
                     .join("\n")
             ),

@@ -7,7 +7,7 @@ use crate::{LoadRow, Outcome, SoakSample};
 pub fn chaos_table(outcomes: &[Outcome]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| scenario | produced | applied | duplicates | reclaimed | replayed | dead-lettered | lost | stale | screens 2xx during fault | screen p99 during fault | went back | all ready again after | lag p99 after recovery | drain |\n\
+        "| scenario | produced | applied | absorbed by the version guard | reclaimed | replayed | dead-lettered | lost | stale | screens 2xx during fault | screen p99 during fault | went back | all ready again after | lag p99 after recovery | drain |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for o in outcomes {

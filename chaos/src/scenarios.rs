@@ -222,8 +222,7 @@ async fn mid_batch(ctx: &mut Ctx<'_>, consumer: &str, kill: bool) -> Result<i64>
         .execute(&mut *tx)
         .await?;
     let start = Instant::now();
-    while pending_of(ctx.fleet, consumer).await? == 0 && start.elapsed() < Duration::from_secs(5)
-    {
+    while pending_of(ctx.fleet, consumer).await? == 0 && start.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     ctx.begin_fault();

@@ -862,8 +862,10 @@ fn lacks_retention_columns(e: &WorkerError) -> bool {
             && (db.message().contains("published_at") || db.message().contains("relay_epoch")))
 }
 
+/// Capped at 2 s, like the ingester's: a store that comes back is relayed to within 2 s (the
+/// chaos suite measured up to 6 s of idle relay after a 3 s Redis outage with a 5 s cap).
 fn backoff(failures: u32) -> Duration {
-    retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(5))
+    retry::backoff(failures, Duration::from_millis(100), Duration::from_secs(2))
 }
 
 /// How long the wake-up listener may go without a notification before it checks its link.
