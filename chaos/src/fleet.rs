@@ -649,6 +649,22 @@ pub fn cpu_and_rss(pid: u32) -> Option<(f64, u64)> {
     Some(((utime + stime) / ticks, rss_pages * 4096))
 }
 
+/// Proportional set size in bytes (`/proc/<pid>/smaps_rollup`): resident memory with shared
+/// pages divided among the processes sharing them, so summing Postgres backends (which all map
+/// its shared buffers) does not count those buffers once per backend. Falls back to RSS.
+pub fn pss(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok();
+    let kib = text.as_deref().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match kib {
+        Some(k) => Some(k * 1024),
+        None => cpu_and_rss(pid).map(|(_, rss)| rss),
+    }
+}
+
 /// Open file descriptors, and how many of them are sockets.
 pub fn open_fds(pid: u32) -> Option<(usize, usize)> {
     let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::Serialize;
 
-use fleet::{Fleet, SOURCES, cpu_and_rss, open_fds};
+use fleet::{Fleet, SOURCES, cpu_and_rss, open_fds, pss};
 use load::{Load, LoadSpec, quantile};
 
 /// How the chaos suite runs.
@@ -292,7 +292,7 @@ pub struct LoadRow {
     pub screen_reads_per_s: f64,
     pub screen_p99_ms: f64,
     pub availability: f64,
-    /// Per process: (name, CPU share of one core, RSS MiB at the end).
+    /// Per process: (name, CPU share of one core, memory (PSS) MiB at the end).
     pub processes: Vec<(String, f64, f64)>,
     /// After the run and a drain.
     pub invariant_holds: bool,
@@ -315,9 +315,10 @@ fn watched(fleet: &Fleet) -> Vec<(String, Vec<u32>)> {
     out
 }
 
+/// CPU seconds and memory (PSS) of a group of processes.
 fn usage(pids: &[u32]) -> (f64, u64) {
     pids.iter()
-        .filter_map(|p| cpu_and_rss(*p))
+        .filter_map(|p| Some((cpu_and_rss(*p)?.0, pss(*p)?)))
         .fold((0.0, 0), |(c, r), (c2, r2)| (c + c2, r + r2))
 }
 
@@ -411,7 +412,7 @@ pub async fn load_bench(
 #[derive(Debug, Clone, Serialize)]
 pub struct SoakSample {
     pub at_s: u64,
-    /// Per process: (name, RSS MiB, open fds, sockets).
+    /// Per process: (name, memory (PSS) MiB, open fds, sockets).
     pub processes: Vec<(String, f64, usize, usize)>,
 }
 

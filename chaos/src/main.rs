@@ -75,8 +75,12 @@ async fn main() -> Result<()> {
     if let Some(duration) = args.soak {
         let every = (duration / 30).clamp(Duration::from_secs(5), Duration::from_secs(60));
         let (samples, verdict) = widget_chaos::soak(duration, args.soak_rate, every, |s| {
-            let total: f64 = s.processes.iter().map(|p| p.1).sum();
-            eprintln!("{:>5} s: {total:.0} MiB over all processes", s.at_s)
+            let each: Vec<String> = s
+                .processes
+                .iter()
+                .map(|(n, mib, _, sockets)| format!("{n} {mib} MiB/{sockets} sockets"))
+                .collect();
+            eprintln!("{:>5} s: {}", s.at_s, each.join(", "))
         })
         .await?;
         let growth = report::soak_growth(&samples);

@@ -88,7 +88,7 @@ pub fn load_table(rows: &[LoadRow]) -> String {
         );
     }
     if let Some(first) = rows.first() {
-        out.push_str("\nCPU (share of one core) / RSS MiB per process:\n\n| process |");
+        out.push_str("\nCPU (share of one core) / memory (PSS) MiB per process:\n\n| process |");
         for r in rows {
             let _ = write!(out, " {}/s |", r.offered);
         }
@@ -162,7 +162,7 @@ pub fn soak_growth(samples: &[SoakSample]) -> Vec<Growth> {
 
 pub fn soak_table(growth: &[Growth]) -> String {
     let mut out = String::from(
-        "| process | RSS MiB after warm-up | RSS MiB at the end | RSS max | sockets after warm-up | at the end | max | steady |\n\
+        "| process | memory MiB after warm-up | at the end | max | sockets after warm-up | at the end | max | steady |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );
     for g in growth {

@@ -65,6 +65,28 @@ pub struct Config {
     /// widgets are never served (401).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityConfig>,
+    /// core-api's in-process cache of widget JSON, kept coherent with Redis by invalidations.
+    #[serde(default)]
+    pub local_cache: LocalCacheConfig,
+}
+
+/// core-api's in-process cache (`localCache`): on by default with a modest bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LocalCacheConfig {
+    pub enabled: bool,
+    /// Bytes of widget JSON (plus keys and bookkeeping) held at most; a quarter more holds the
+    /// keys known to be absent.
+    pub max_bytes: u64,
+}
+
+impl Default for LocalCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// Deadlines and limits of an HTTP port; see [`crate::server`].
@@ -469,6 +491,15 @@ impl Config {
             check_redis_name("stream.name", name)?;
         }
         check_redis_name("stream.consumerGroup", &self.stream.consumer_group)?;
+        if self.local_cache.max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "localCache.maxBytes",
+                format!(
+                    "must be at least 1 MiB (1048576), got {}",
+                    self.local_cache.max_bytes
+                ),
+            ));
+        }
         if self.stream.max_length < 1000 {
             return Err(invalid(
                 "stream.maxLength",

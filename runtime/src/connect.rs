@@ -66,6 +66,27 @@ impl Redis {
         self.multiplexed(self.settings.response_timeout).await
     }
 
+    /// A RESP3 connection whose push messages (client-side caching invalidations) go to
+    /// `pushes`; the library also sends a `Disconnection` push when it is lost.
+    pub async fn tracking(
+        &self,
+        pushes: impl redis::aio::AsyncPushSender,
+    ) -> redis::RedisResult<MultiplexedConnection> {
+        let info = self.client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(resp3))?;
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.settings.connect_timeout))
+            .set_response_timeout(Some(self.settings.response_timeout))
+            .set_push_sender(pushes);
+        client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+    }
+
     async fn multiplexed(&self, response: Duration) -> redis::RedisResult<MultiplexedConnection> {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))

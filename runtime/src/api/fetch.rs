@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::Shared;
+use super::local_cache::Entry;
 use crate::cache::{CacheWrite, Cached, decode_value, widget_json};
 use crate::stats::field;
 use crate::store;
@@ -77,29 +78,71 @@ impl Flights {
     }
 }
 
-/// Looks up `keys` (validated widget keys, no duplicates).
+/// Looks up `keys` (validated widget keys, no duplicates): the in-process cache first, then
+/// one MGET for the rest, then Postgres for what Redis missed (unless known to be absent).
 pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
     let mut slots = vec![Slot::Missing; keys.len()];
-    let mut cache_answered = false;
-    if shared.redis_breaker.allows() {
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let local = &shared.local;
+    // Taken before anything is read: what Redis answers is kept only if no invalidation
+    // for its key came in meanwhile.
+    let ticket = local.ticket(keys);
+    let mut local_hits = 0u64;
+    if local.serving() {
+        for (slot, key) in slots.iter_mut().zip(keys) {
+            match local.get(key) {
+                Some(Entry::Widget { version, json }) => {
+                    *slot = Slot::Widget {
+                        version,
+                        json,
+                        origin: Origin::Cache,
+                    }
+                }
+                Some(Entry::Deleted { version }) => *slot = Slot::Deleted { version },
+                None => continue,
+            }
+            local_hits += 1;
+        }
+    }
+    let mut cache_answered = local_hits == keys.len() as u64;
+    if !cache_answered && shared.redis_breaker.allows() {
+        let wanted: Vec<usize> = (0..keys.len())
+            .filter(|&i| slots[i] == Slot::Missing)
+            .collect();
+        let refs: Vec<&str> = wanted.iter().map(|&i| keys[i].as_str()).collect();
         match shared.mget(&refs).await {
             Ok(values) => {
                 cache_answered = true;
-                for (slot, value) in slots.iter_mut().zip(values) {
+                for (&i, value) in wanted.iter().zip(values) {
                     let Some(raw) = value else { continue };
                     match decode_value(&raw) {
                         Some(Cached::Widget { version, json }) => {
                             // Zero-copy: the JSON part of the MGET buffer goes into the body.
                             let start = raw.len() - json.len();
                             let json = Bytes::from(raw).slice(start..);
-                            *slot = Slot::Widget {
+                            local.insert(
+                                &ticket,
+                                i,
+                                &keys[i],
+                                Entry::Widget {
+                                    version,
+                                    json: json.clone(),
+                                },
+                            );
+                            slots[i] = Slot::Widget {
                                 version,
                                 json,
                                 origin: Origin::Cache,
                             };
                         }
-                        Some(Cached::Deleted { version }) => *slot = Slot::Deleted { version },
+                        // Version 0: a marker an older core-api wrote for a key Postgres
+                        // lacked; it is a miss now (the answer is remembered in process).
+                        Some(Cached::Deleted {
+                            version: ABSENT_VERSION,
+                        }) => {}
+                        Some(Cached::Deleted { version }) => {
+                            local.insert(&ticket, i, &keys[i], Entry::Deleted { version });
+                            slots[i] = Slot::Deleted { version };
+                        }
                         None => {
                             tracing::warn!("cache value in an unknown format; reading Postgres")
                         }
@@ -125,20 +168,26 @@ pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
     if misses == 0 {
         return lookup;
     }
+    // Keys Postgres was just found not to have are not asked again (they were missed by
+    // Redis too, so nothing wrote them since).
     let missed: Vec<String> = keys
         .iter()
         .zip(&lookup.slots)
-        .filter(|(_, s)| **s == Slot::Missing)
+        .filter(|(k, s)| **s == Slot::Missing && !local.known_absent(k))
         .map(|(k, _)| k.clone())
         .collect();
+    if missed.is_empty() {
+        lookup.database_answered = true;
+        return lookup;
+    }
     if !shared.db_breaker.allows() {
         lookup.database_failed = true;
         return lookup;
     }
-    let (rows, answered, failed) = read_through(shared, missed).await;
+    let (rows, answered, failed) = read_through(shared, missed.clone()).await;
     lookup.database_answered = answered;
     lookup.database_failed = failed;
-    for (key, slot) in keys.iter().zip(lookup.slots.iter_mut()) {
+    for (i, (key, slot)) in keys.iter().zip(lookup.slots.iter_mut()).enumerate() {
         if *slot != Slot::Missing {
             continue;
         }
@@ -157,6 +206,10 @@ pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
                 version,
                 json: None,
             }) => *slot = Slot::Deleted { version: *version },
+            None if answered && !failed && missed.contains(key) => {
+                local.insert_absent(&ticket, i, key);
+                shared.metrics.absent_cached.inc();
+            }
             None => {}
         }
     }
@@ -265,7 +318,7 @@ async fn lead_read(
     let result = Arc::new(result);
     let _ = tx.send(Some(result.clone()));
     if let Ok(rows) = result.as_ref() {
-        backfill(&shared, &keys, rows).await;
+        backfill(&shared, rows).await;
     }
     // Only now: a request that missed the cache before the back-fill landed joins this answer
     // instead of reading Postgres again (it would otherwise fall between the two).
@@ -279,14 +332,13 @@ async fn lead_read(
 /// Writes what Postgres had back to the cache with the short fallback TTL, through the same
 /// version-guarded script as the ingester: a newer cached value is never replaced.
 ///
-/// Keys Postgres does not have are cached too, as a version-0 tombstone: otherwise every
-/// request for them (a personalised key of a user without that widget, or made-up keys a
-/// client sends) would be a Postgres query. Any real write has version >= 1 and replaces it.
-async fn backfill(shared: &Shared, keys: &[String], rows: &HashMap<String, DbRow>) {
+/// Keys Postgres does not have are not written to Redis: a client can ask for any number of
+/// made-up keys, and markers for them would fill the Redis that also holds the stream. They
+/// are remembered in process instead (bounded, [`super::local_cache`]).
+async fn backfill(shared: &Shared, rows: &HashMap<String, DbRow>) {
     if !shared.redis_breaker.allows() {
         return;
     }
-    let absent = keys.iter().filter(|k| !rows.contains_key(k.as_str()));
     let writes: Vec<CacheWrite<'_>> = rows
         .iter()
         .map(|(key, row)| CacheWrite {
@@ -295,32 +347,18 @@ async fn backfill(shared: &Shared, keys: &[String], rows: &HashMap<String, DbRow
             json: row.json.as_deref(),
             ttl: shared.settings.fallback_ttl,
         })
-        .chain(absent.map(|key| CacheWrite {
-            widget_key: key,
-            version: ABSENT_VERSION,
-            json: None,
-            ttl: shared.settings.fallback_ttl,
-        }))
         .collect();
     if writes.is_empty() {
         return;
     }
     match shared.write_cache(&writes).await {
         Ok(won) => {
-            let (mut found, mut absent) = (0, 0);
-            for (w, won) in writes.iter().zip(won) {
-                match (won, w.version == ABSENT_VERSION) {
-                    (true, false) => found += 1,
-                    (true, true) => absent += 1,
-                    (false, _) => {}
-                }
-            }
+            let found = won.iter().filter(|w| **w).count() as u64;
             shared.metrics.backfilled.inc_by(found);
-            shared.metrics.absent_cached.inc_by(absent);
         }
         Err(e) => tracing::debug!(error = %e, "back-fill failed"),
     }
 }
 
-/// The version of the marker cached for a key Postgres does not have (below every real one).
+/// The version of the marker older core-apis cached for a key Postgres did not have.
 const ABSENT_VERSION: i64 = 0;

@@ -34,6 +34,12 @@ pub struct ApiMetrics {
     pub store_errors: Family<StoreLabels, Counter>,
     /// 1 while a store's circuit breaker is open, else 0.
     pub circuit_open: Family<StoreLabels, Gauge>,
+    /// Keys served from the in-process cache.
+    pub local_hits: Counter,
+    pub local_invalidations: Counter,
+    pub local_flushes: Counter,
+    /// Bytes the in-process cache holds (by its weigher).
+    pub local_bytes: Gauge,
 }
 
 impl ApiMetrics {
@@ -51,7 +57,31 @@ impl ApiMetrics {
             absent_cached: Counter::default(),
             store_errors: Family::default(),
             circuit_open: Family::default(),
+            local_hits: Counter::default(),
+            local_invalidations: Counter::default(),
+            local_flushes: Counter::default(),
+            local_bytes: Gauge::default(),
         };
+        registry.register(
+            "widget_api_local_hits",
+            "Keys served from the in-process cache (kept coherent by Redis invalidations)",
+            m.local_hits.clone(),
+        );
+        registry.register(
+            "widget_api_local_invalidations",
+            "Invalidations Redis pushed for cache keys",
+            m.local_invalidations.clone(),
+        );
+        registry.register(
+            "widget_api_local_flushes",
+            "Times the whole in-process cache was dropped (tracking lost, null invalidation)",
+            m.local_flushes.clone(),
+        );
+        registry.register(
+            "widget_api_local_bytes",
+            "Bytes held by the in-process cache",
+            m.local_bytes.clone(),
+        );
         registry.register(
             "widget_api_request_duration_seconds",
             "Time to answer an API request, by route and status",
@@ -89,7 +119,7 @@ impl ApiMetrics {
         );
         registry.register(
             "widget_api_absent_cached",
-            "Keys Postgres does not have, cached as absent with the fallback TTL",
+            "Keys Postgres does not have, remembered in process (never written to Redis)",
             m.absent_cached.clone(),
         );
         registry.register(

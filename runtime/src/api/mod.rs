@@ -15,6 +15,7 @@ pub mod breaker;
 pub mod error;
 pub mod fetch;
 pub mod identity;
+pub mod local_cache;
 pub mod metrics;
 pub mod response;
 pub mod screens;
@@ -74,6 +75,13 @@ pub struct ApiSettings {
     pub http: crate::config::HttpConfig,
     /// Who a request is (`identity` in the config).
     pub identity: identity::Identity,
+    /// The configured sources: keys of any other are refused (400), never looked up.
+    pub sources: Vec<String>,
+    /// The in-process cache (`localCache` in the config).
+    pub local_cache: crate::config::LocalCacheConfig,
+    /// How long a key Postgres does not have is remembered in process (never longer than a
+    /// cached widget lives, `min(fallbackTtl, ingestTtl)`).
+    pub absent_ttl: Duration,
 }
 
 impl ApiSettings {
@@ -96,6 +104,9 @@ impl ApiSettings {
             stats_interval: stats::FLUSH_INTERVAL,
             http: config.http.clone(),
             identity,
+            sources: config.sources.iter().map(|s| s.name.clone()).collect(),
+            local_cache: config.local_cache.clone(),
+            absent_ttl: config.cache.fallback_ttl.min(config.cache.ingest_ttl),
         })
     }
 }
@@ -121,6 +132,9 @@ pub struct Shared {
     cache: Cache,
     redis: connect::Redis,
     conn: OnceCell<ConnectionManager>,
+    /// The prober's own connection: a PING queued behind a large reply on the shared one
+    /// would make a slow reply look like a dead Redis.
+    probe_conn: OnceCell<ConnectionManager>,
     pool: PgPool,
     pub redis_breaker: Breaker,
     pub db_breaker: Breaker,
@@ -130,6 +144,8 @@ pub struct Shared {
     readiness: Readiness,
     /// The screens' personalised key templates, to guard `/v1/widgets`.
     pub personal: identity::PersonalKeys,
+    /// What Redis holds, in process, kept coherent by invalidations.
+    pub local: Arc<local_cache::LocalCache>,
 }
 
 impl Shared {
@@ -157,7 +173,17 @@ impl Shared {
                 return Ok(v);
             }
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.settings.redis_timeout),
+            Err(_) => {
+                // A large reply can take longer than the request's budget on a Redis that is
+                // fine: a timeout alone does not count against the breaker. The prober's PING
+                // (every probeInterval, same budget, failures counted while closed) tells a
+                // slow reply from a Redis that is gone.
+                self.metrics.store_error("redis");
+                return Err(format!(
+                    "no answer within {:?}",
+                    self.settings.redis_timeout
+                ));
+            }
         };
         self.metrics.store_error("redis");
         self.redis_breaker.record_failure(&error);
@@ -195,12 +221,12 @@ impl Shared {
     async fn ping_redis(&self) -> Result<(), String> {
         // Connecting (once, then after each reconnect) is not what requests pay for: it gets
         // more time than the PING.
-        let mut conn =
-            match tokio::time::timeout(self.settings.redis_timeout * 4, self.redis_conn()).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("connecting timed out".into()),
-            };
+        let connect = self.probe_conn.get_or_try_init(|| self.redis.manager());
+        let mut conn = match tokio::time::timeout(self.settings.redis_timeout * 4, connect).await {
+            Ok(Ok(conn)) => conn.clone(),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("connecting timed out".into()),
+        };
         let ping = redis::cmd("PING");
         match tokio::time::timeout(
             self.settings.redis_timeout,
@@ -266,7 +292,15 @@ impl ApiState {
                 .iter()
                 .flat_map(|s| s.widgets.iter().map(String::as_str)),
         );
+        let local = Arc::new(local_cache::LocalCache::new(
+            settings.local_cache.enabled,
+            settings.local_cache.max_bytes,
+            &settings.key_prefix,
+            settings.absent_ttl,
+            metrics.clone(),
+        ));
         let shared = Shared {
+            local,
             cache: Cache::new(settings.key_prefix.clone()),
             redis_breaker: Breaker::new(
                 "redis",
@@ -283,6 +317,7 @@ impl ApiState {
             screens,
             redis: redis.into(),
             conn: OnceCell::new(),
+            probe_conn: OnceCell::new(),
             pool,
             flights: fetch::Flights::default(),
             metrics,
@@ -394,10 +429,22 @@ impl CoreApi {
                 breaker::run_prober(b, interval, || s.ping(store), || s.update_readiness(), c).await
             })
         });
+        if shared.settings.local_cache.enabled {
+            tracing::info!(
+                max_bytes = shared.settings.local_cache.max_bytes,
+                "local cache on, kept coherent by Redis invalidations"
+            );
+        }
         let tasks = [
             redis_prober,
             db_prober,
             tokio::spawn(flush_stats(shared.clone(), background.clone())),
+            tokio::spawn(
+                shared
+                    .local
+                    .clone()
+                    .track(shared.redis.clone(), background.clone()),
+            ),
         ];
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "core-api listening");

@@ -50,6 +50,16 @@ pub async fn get_widgets(
     let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let keys = parse_keys(query.keys.as_deref())?;
     let shared = &state.0;
+    // A key no configured source can publish is never looked up (nor remembered as absent).
+    if let Some(k) = keys.iter().find(|k| {
+        let source = k.split_once('.').map_or(k.as_str(), |(s, _)| s);
+        !shared.settings.sources.iter().any(|s| s == source)
+    }) {
+        return Err(ApiError::bad_request(
+            "unknown_source",
+            format!("`{}`: no configured source publishes this key", truncate(k)),
+        ));
+    }
     // A personalised key asked for by name is its owner's only, as on a screen (`query`
     // mode takes every caller at its word anyway).
     let owners: Vec<&str> = match shared.settings.identity {
