@@ -353,6 +353,29 @@ pub struct CoreApiSpec {
     /// Without it, personalised widgets are answered with 401.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentitySpec>,
+    #[serde(default)]
+    pub local_cache: LocalCacheSpec,
+}
+
+/// core-api's in-process cache of widgets, kept coherent with Redis by its invalidations
+/// (client-side caching). Counts against the pod's memory: size `resources` for it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LocalCacheSpec {
+    pub enabled: bool,
+    /// Bytes of widgets held per pod at most (at least 1 MiB); a quarter more holds keys
+    /// known to be absent.
+    #[schemars(range(min = 1048576))]
+    pub max_bytes: u64,
+}
+
+impl Default for LocalCacheSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// Deadlines and limits of core-api's public port.

@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use widget_crds::{IdentityModeSpec, SecretKeyRef, WidgetPipeline};
 use widget_runtime::config::{
     CacheConfig, Config, DatabaseConfig, HttpConfig, IdentityConfig, IdentityMode, JwtConfig,
-    ReclaimConfig, RedisConfig, ScreenConfig, SourceConfig, StreamConfig, human_duration,
+    LocalCacheConfig, ReclaimConfig, RedisConfig, ScreenConfig, SourceConfig, StreamConfig,
+    human_duration,
 };
 
 use crate::{Error, Result};
@@ -264,6 +265,10 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
                     }),
                 },
             }),
+        },
+        local_cache: LocalCacheConfig {
+            enabled: spec.core_api.local_cache.enabled,
+            max_bytes: spec.core_api.local_cache.max_bytes,
         },
     };
     config

@@ -205,6 +205,7 @@ fn core_api_serves_admin_routes_on_its_own_port_and_gets_its_identity_keys_from_
         }),
     });
     wp.spec.core_api.http.max_requests = 64;
+    wp.spec.core_api.local_cache.max_bytes = 16 * 1024 * 1024;
     let r = rendered(&wp);
     let api = deployment(&r, "home-core-api");
     let c = container(api);
@@ -258,6 +259,8 @@ fn core_api_serves_admin_routes_on_its_own_port_and_gets_its_identity_keys_from_
         "keys come from the env, never the ConfigMap"
     );
     assert_eq!(config.http.max_requests, 64);
+    assert!(config.local_cache.enabled, "on by default");
+    assert_eq!(config.local_cache.max_bytes, 16 * 1024 * 1024);
     // The Service still exposes only the API port.
     let ports = r
         .service

@@ -18,7 +18,7 @@
 //! - Keys Postgres does not have are remembered here (bounded, TTL) instead of as Redis
 //!   markers; they are consulted only after Redis missed, and dropped by invalidations too.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -111,9 +111,7 @@ impl LocalCache {
     }
 
     fn stripe(&self, key: &str) -> &AtomicU64 {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.stripes[(h.finish() as usize) % STRIPES]
+        &self.stripes[(self.hasher.hash_one(key) as usize) % STRIPES]
     }
 
     /// Whether entries may be served now.
