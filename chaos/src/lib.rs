@@ -409,7 +409,7 @@ pub async fn load_bench(
 }
 
 /// One sample of the soak.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SoakSample {
     pub at_s: u64,
     /// Per process: (name, memory (PSS) MiB, open fds, sockets).

@@ -31,6 +31,9 @@ struct Args {
     /// Run the soak instead, for this long (`30m`).
     #[arg(long, num_args = 0..=1, default_missing_value = "30m", value_parser = humantime::parse_duration)]
     soak: Option<Duration>,
+    /// Print the soak table of a `--soak --json` file again (e.g. after changing the rule).
+    #[arg(long)]
+    soak_report: Option<String>,
     /// Offered write rate of the soak (events/s).
     #[arg(long, default_value_t = 1000)]
     soak_rate: u32,
@@ -52,6 +55,16 @@ async fn main() -> Result<()> {
     if args.list {
         for name in widget_chaos::scenarios::ALL {
             println!("{name:28} {}", widget_chaos::scenarios::describe(name));
+        }
+        return Ok(());
+    }
+    if let Some(path) = &args.soak_report {
+        let samples: Vec<widget_chaos::SoakSample> =
+            serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let growth = report::soak_growth(&samples);
+        println!("{}", report::soak_table(&growth));
+        if growth.iter().any(|g| !g.steady()) {
+            bail!("memory or connections grew during the soak");
         }
         return Ok(());
     }
