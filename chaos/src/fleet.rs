@@ -409,15 +409,8 @@ impl Fleet {
             )?);
         }
         for i in 1..=2 {
-            let redis_link = Link::to(redis.port(), proxied).await?;
-            let db_link = Link::to(core_pg.port(), proxied).await?;
-            let env = vec![
-                ("REDIS_URL".into(), redis_url(redis_link.port(redis.port()))),
-                (
-                    "CORE_DATABASE_URL".into(),
-                    via(&core_url, core_pg.port(), db_link.port(core_pg.port())),
-                ),
-            ];
+            let (redis_link, db_link, env) =
+                core_side(&redis, &core_pg, &core_url, proxied).await?;
             components.push(component(
                 format!("ingester-{i}"),
                 Role::Ingester,
@@ -433,15 +426,8 @@ impl Fleet {
             )?);
         }
         for i in 1..=2 {
-            let redis_link = Link::to(redis.port(), proxied).await?;
-            let db_link = Link::to(core_pg.port(), proxied).await?;
-            let env = vec![
-                ("REDIS_URL".into(), redis_url(redis_link.port(redis.port()))),
-                (
-                    "CORE_DATABASE_URL".into(),
-                    via(&core_url, core_pg.port(), db_link.port(core_pg.port())),
-                ),
-            ];
+            let (redis_link, db_link, env) =
+                core_side(&redis, &core_pg, &core_url, proxied).await?;
             let mut c = component(
                 format!("api-{i}"),
                 Role::Api,
@@ -616,6 +602,25 @@ fn component(
         tally: Tally::default(),
         paused: false,
     })
+}
+
+/// The links and environment of a component of the core side (ingester, core-api).
+async fn core_side(
+    redis: &RedisServer,
+    core_pg: &PgServer,
+    core_url: &str,
+    proxied: bool,
+) -> Result<(Link, Link, Vec<(String, String)>)> {
+    let redis_link = Link::to(redis.port(), proxied).await?;
+    let db_link = Link::to(core_pg.port(), proxied).await?;
+    let env = vec![
+        ("REDIS_URL".into(), redis_url(redis_link.port(redis.port()))),
+        (
+            "CORE_DATABASE_URL".into(),
+            via(core_url, core_pg.port(), db_link.port(core_pg.port())),
+        ),
+    ];
+    Ok((redis_link, db_link, env))
 }
 
 fn redis_url(port: u16) -> String {

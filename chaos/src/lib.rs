@@ -300,6 +300,16 @@ pub struct LoadRow {
     pub stale: usize,
 }
 
+/// The load of the benchmark and the soak: `rate` writes/s over 10,000 keys, 200 reads/s.
+fn steady(rate: u32) -> LoadSpec {
+    LoadSpec {
+        write_rate: rate,
+        read_rate: 200,
+        keys_per_source: 5000,
+        pad: 200..1000,
+    }
+}
+
 /// Processes to watch: the components and the stores.
 fn watched(fleet: &Fleet) -> Vec<(String, Vec<u32>)> {
     let mut out: Vec<(String, Vec<u32>)> = fleet
@@ -332,13 +342,7 @@ pub async fn load_bench(
     let mut rows = Vec::new();
     for &rate in rates {
         let fleet = Fleet::start(&load::screen_keys(), false, false).await?;
-        let spec = LoadSpec {
-            write_rate: rate,
-            read_rate: 200,
-            keys_per_source: 5000,
-            pad: 200..1000,
-        };
-        let load = Load::start(&spec, product_pools(&fleet).await?, fleet.apis());
+        let load = Load::start(&steady(rate), product_pools(&fleet).await?, fleet.apis());
         tokio::time::sleep(Duration::from_secs(5)).await;
         let mut fleet = fleet;
         fleet.scrape_all().await;
@@ -424,13 +428,7 @@ pub async fn soak(
     mut progress: impl FnMut(&SoakSample),
 ) -> Result<(Vec<SoakSample>, check::Verdict)> {
     let fleet = Fleet::start(&load::screen_keys(), false, false).await?;
-    let spec = LoadSpec {
-        write_rate: rate,
-        read_rate: 200,
-        keys_per_source: 5000,
-        pad: 200..1000,
-    };
-    let load = Load::start(&spec, product_pools(&fleet).await?, fleet.apis());
+    let load = Load::start(&steady(rate), product_pools(&fleet).await?, fleet.apis());
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < duration {
