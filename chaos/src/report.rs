@@ -113,7 +113,9 @@ pub fn load_table(rows: &[LoadRow]) -> String {
     out
 }
 
-/// Growth over the soak: the sample halfway through against the last, per process.
+/// Growth over the soak, per process: the median of the third quarter of the run against the
+/// median of the last quarter (medians, because a fork for an AOF rewrite briefly halves
+/// Redis's PSS, and a sample may land on it).
 pub struct Growth {
     pub name: String,
     pub rss_first: f64,
@@ -125,38 +127,47 @@ pub struct Growth {
 }
 
 impl Growth {
-    /// Memory within 20% (+16 MiB for allocator noise) of its early level, and no more than 4
-    /// sockets above it: nothing grows with time.
+    /// Memory within 20% (+16 MiB for allocator noise) of its level in the third quarter, and
+    /// no more than 4 sockets above it: nothing grows with time.
     pub fn steady(&self) -> bool {
         self.rss_last <= self.rss_first * 1.2 + 16.0 && self.sockets_last <= self.sockets_first + 4
     }
 }
 
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied()
+}
+
 pub fn soak_growth(samples: &[SoakSample]) -> Vec<Growth> {
     // The first half is warm-up: pools fill, allocator arenas settle, and the stream grows to
     // its maxLength (500,000 entries: about 8 minutes at 1,000 events/s) before history is
-    // trimmed. Steady means nothing grows over the second half.
-    let skip = samples.len() / 2;
-    let Some(first) = samples.get(skip) else {
-        return Vec::new();
-    };
-    let Some(last) = samples.last() else {
+    // trimmed.
+    let n = samples.len();
+    let (third, last) = (&samples[n / 2..n * 3 / 4], &samples[n * 3 / 4..]);
+    let Some(first) = third.first() else {
         return Vec::new();
     };
     first
         .processes
         .iter()
         .enumerate()
-        .map(|(i, (name, rss, _, sockets))| {
-            let series = samples[skip..].iter().filter_map(|s| s.processes.get(i));
+        .map(|(i, (name, ..))| {
+            let of = |part: &[SoakSample]| -> Vec<(f64, usize)> {
+                part.iter()
+                    .filter_map(|s| s.processes.get(i).map(|p| (p.1, p.3)))
+                    .collect()
+            };
+            let (a, b) = (of(third), of(last));
+            let second_half: Vec<(f64, usize)> = a.iter().chain(&b).copied().collect();
             Growth {
                 name: name.clone(),
-                rss_first: *rss,
-                rss_last: last.processes.get(i).map_or(0.0, |p| p.1),
-                rss_max: series.clone().map(|p| p.1).fold(0.0, f64::max),
-                sockets_first: *sockets,
-                sockets_last: last.processes.get(i).map_or(0, |p| p.3),
-                sockets_max: series.map(|p| p.3).max().unwrap_or(0),
+                rss_first: median(a.iter().map(|p| p.0).collect()).unwrap_or(0.0),
+                rss_last: median(b.iter().map(|p| p.0).collect()).unwrap_or(0.0),
+                rss_max: second_half.iter().map(|p| p.0).fold(0.0, f64::max),
+                sockets_first: median(a.iter().map(|p| p.1).collect()).unwrap_or(0),
+                sockets_last: median(b.iter().map(|p| p.1).collect()).unwrap_or(0),
+                sockets_max: second_half.iter().map(|p| p.1).max().unwrap_or(0),
             }
         })
         .collect()
@@ -164,7 +175,7 @@ pub fn soak_growth(samples: &[SoakSample]) -> Vec<Growth> {
 
 pub fn soak_table(growth: &[Growth]) -> String {
     let mut out = String::from(
-        "| process | memory (PSS) MiB halfway | at the end | max, second half | sockets halfway | at the end | max, second half | steady |\n\
+        "| process | memory (PSS) MiB, 3rd quarter | last quarter | max, second half | sockets, 3rd quarter | last quarter | max, second half | steady |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
     );
     for g in growth {
