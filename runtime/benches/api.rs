@@ -514,10 +514,15 @@ async fn run(secs: u64, conns: usize) {
                 .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        let hits_before = l1_hits(with_l1.clone()).await;
-        let (first, g) = tokio::task::spawn_blocking(move || {
+        let (l1_url, plain_url) = tokio::task::spawn_blocking(move || {
             let _ = generator.run("warm-up", &l1_url, 1, conns_c);
             let _ = generator.run("warm-up", &plain_url, 1, conns_c);
+            (l1_url, plain_url)
+        })
+        .await
+        .expect("load generator");
+        let hits_before = l1_hits(with_l1.clone()).await;
+        let (first, g) = tokio::task::spawn_blocking(move || {
             let l1 = generator.run(
                 "core-api, in-process cache (all hits)",
                 &l1_url,
@@ -723,8 +728,9 @@ async fn miss_row(
             .await
             .expect("store personalised");
     }
-    // No in-process cache, and a back-fill gone long before the same user comes round again.
-    let miss = config("hw:bench-miss:", "1ms", WIDGETS, false);
+    // No in-process cache, and a back-fill that expires after 1 s (the floor): a user comes
+    // round again about once a second, so most lookups miss; the caption says how many.
+    let miss = config("hw:bench-miss:", "1s", WIDGETS, false);
     let miss_addr = start_api(&miss, &redis.url(), db_url, cancel).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (headers, _) = fetch(&format!("http://{miss_addr}/v1/screens/me?user=u0")).await;
