@@ -7,7 +7,8 @@
 //! number of connections and prints one table per screen size. Without `wrk` (or with
 //! `API_BENCH_GENERATOR=inproc`) a small in-process HTTP/1.1 keep-alive generator (same
 //! connections and duration) is used and the table says so. Rows, per screen size:
-//! - core-api with its in-process cache, every widget in it (no Redis call per request);
+//! - core-api with its in-process cache, every widget in it (no Redis call per request; the
+//!   screen as assembled before is reused while none of its widgets changes);
 //! - the same while one widget of the screen is rewritten in Redis for every 100 requests of
 //!   the row above (each write invalidates it; the next request reads it from Redis);
 //! - core-api without the in-process cache (`localCache.enabled: false`), every widget in
@@ -506,13 +507,20 @@ async fn run(secs: u64, conns: usize) {
         let static_url = Target::Fixed(format!("http://{static_addr}/v1/screens/home"));
         let port = redis.port();
         let (secs_c, conns_c) = (secs, conns);
+        // Screens the in-process cache served whole, and widgets it served one by one.
         let l1_hits = |addr: String| async move {
             let m = String::from_utf8_lossy(&fetch(&format!("http://{addr}/metrics")).await.1)
                 .into_owned();
-            m.lines()
-                .find(|l| l.starts_with("widget_api_local_hits_total"))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
+            let get = |name: &str| {
+                m.lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            (
+                get("widget_api_local_screens_total"),
+                get("widget_api_local_hits_total"),
+            )
         };
         let (l1_url, plain_url) = tokio::task::spawn_blocking(move || {
             let _ = generator.run("warm-up", &l1_url, 1, conns_c);
@@ -534,7 +542,9 @@ async fn run(secs: u64, conns: usize) {
         .await
         .expect("load generator");
         let (l1_row, l1_url, plain_url) = first;
-        let hits = l1_hits(with_l1.clone()).await - hits_before;
+        let hits_after = l1_hits(with_l1.clone()).await;
+        let (screens_whole, widget_hits) =
+            (hits_after.0 - hits_before.0, hits_after.1 - hits_before.1);
         // One write per 100 requests of the all-hit row, to random widgets of the screen.
         let write_rate = (l1_row.rps / 100.0).max(1.0);
         let stop = CancellationToken::new();
@@ -585,10 +595,10 @@ async fn run(secs: u64, conns: usize) {
             &rows,
         );
         println!(
-            "  in-process hits during the all-hit row: {:.0} of {:.0} widgets served; \
+            "  all-hit row: {screens_whole:.0} of {:.0} requests served as a whole screen, \
+             {widget_hits:.0} widgets from the in-process cache one by one; \
              1% row: {written} writes at {write_rate:.0}/s",
-            hits,
-            widgets_served(&rows[0], secs, n)
+            rows[0].rps * secs as f64
         );
     }
     miss_row(
@@ -606,11 +616,6 @@ async fn run(secs: u64, conns: usize) {
     pool.close().await;
     drop(pg);
     drop(redis);
-}
-
-/// Widgets the all-hit row served (requests x widgets), to compare with the hit counter.
-fn widgets_served(row: &Row, secs: u64, n: usize) -> f64 {
-    row.rps * secs as f64 * n as f64
 }
 
 fn print_table(title: &str, rows: &[Row]) {

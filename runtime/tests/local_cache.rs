@@ -275,3 +275,96 @@ async fn a_large_reply_slower_than_the_budget_does_not_open_the_redis_circuit() 
     assert!(from_cache.is_some(), "Redis still serves");
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_screen_is_reused_until_one_of_its_widgets_changes() {
+    let stack = Stack::with_config(
+        r#"
+pipeline: l1s
+sources:
+  - {name: deals}
+screens:
+  - {name: home, widgets: ["deals.w-0", "deals.w-1", "deals.points:{user}"]}
+identity: {mode: header, header: x-user-id}
+"#,
+    )
+    .await;
+    let api = start_api_on(&stack, &stack.redis.url()).await;
+    for (k, v) in [
+        ("deals.w-0", 1),
+        ("deals.w-1", 1),
+        ("deals.points:a", 1),
+        ("deals.points:b", 1),
+    ] {
+        put(&stack, k, v, 50).await;
+    }
+    let screen = |user: &'static str| {
+        let api = &api;
+        async move {
+            let r = api
+                .get_with("/v1/screens/home", &[("x-user-id", user)])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            let versions: Vec<(String, i64)> = r.json()["widgets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| {
+                    (
+                        w["key"].as_str().unwrap_or_default().to_string(),
+                        w["version"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            (versions, r.header("etag").map(str::to_string))
+        }
+    };
+    let want = |w0: i64, w1: i64, user: &str, p: i64| {
+        vec![
+            ("deals.w-0".to_string(), w0),
+            ("deals.w-1".to_string(), w1),
+            (format!("deals.points:{user}"), p),
+        ]
+    };
+    // Filled once, then served whole.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (screen("a").await.0 == want(1, 1, "a", 1)).then_some(())
+        })
+        .await
+        .is_some()
+    );
+    let whole = api.metric("widget_api_local_screens_total").await;
+    let (first, tag) = screen("a").await;
+    assert_eq!(first, want(1, 1, "a", 1));
+    assert!(
+        api.metric("widget_api_local_screens_total").await > whole,
+        "served whole"
+    );
+    assert_eq!(
+        screen("b").await.0,
+        want(1, 1, "b", 1),
+        "each user has their own"
+    );
+
+    // A shared widget changes: every user's screen shows it.
+    put(&stack, "deals.w-1", 2, 50).await;
+    for user in ["a", "b"] {
+        let seen = eventually(Duration::from_secs(2), || async {
+            (screen(user).await.0 == want(1, 2, user, 1)).then_some(())
+        })
+        .await;
+        assert!(seen.is_some(), "{user} sees deals.w-1 v2");
+    }
+    let (_, tag2) = screen("a").await;
+    assert_ne!(tag, tag2, "a new ETag with the new version");
+    // One user's widget changes: theirs shows it, the other's is untouched.
+    put(&stack, "deals.points:a", 7, 50).await;
+    let seen = eventually(Duration::from_secs(2), || async {
+        (screen("a").await.0 == want(1, 2, "a", 7)).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "a sees their points v7");
+    assert_eq!(screen("b").await.0, want(1, 2, "b", 1));
+    api.stop().await;
+}

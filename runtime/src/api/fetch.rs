@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::local_cache::Entry;
+use super::local_cache::{Entry, Ticket};
 use crate::cache::{CacheWrite, Cached, decode_value, widget_json};
 use crate::stats::field;
 use crate::store;
@@ -48,6 +48,22 @@ pub struct Lookup {
 }
 
 impl Lookup {
+    /// Every widget came from the cache (in process or Redis) and no store failed: the answer
+    /// is exactly what Redis holds, so it stays right until an invalidation says otherwise.
+    pub fn is_complete_from_cache(&self) -> bool {
+        self.cache_answered
+            && !self.database_failed
+            && self.slots.iter().all(|s| {
+                !matches!(
+                    s,
+                    Slot::Widget {
+                        origin: Origin::Database,
+                        ..
+                    }
+                )
+            })
+    }
+
     /// True when no store answered at all: the API must say 503 rather than "all missing".
     pub fn nothing_answered(&self) -> bool {
         !self.cache_answered && !self.database_answered
@@ -80,12 +96,11 @@ impl Flights {
 
 /// Looks up `keys` (validated widget keys, no duplicates): the in-process cache first, then
 /// one MGET for the rest, then Postgres for what Redis missed (unless known to be absent).
-pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
+/// `ticket` is [`super::local_cache::LocalCache::ticket`] of `keys`, taken before: what Redis
+/// answers is kept only if no invalidation for its key came in meanwhile.
+pub async fn lookup(shared: &Arc<Shared>, keys: &[String], ticket: &Ticket) -> Lookup {
     let mut slots = vec![Slot::Missing; keys.len()];
     let local = &shared.local;
-    // Taken before anything is read: what Redis answers is kept only if no invalidation
-    // for its key came in meanwhile.
-    let ticket = local.ticket(keys);
     let mut local_hits = 0u64;
     if local.serving() {
         for (slot, key) in slots.iter_mut().zip(keys) {
@@ -120,7 +135,7 @@ pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
                             let start = raw.len() - json.len();
                             let json = Bytes::from(raw).slice(start..);
                             local.insert(
-                                &ticket,
+                                ticket,
                                 i,
                                 &keys[i],
                                 Entry::Widget {
@@ -140,7 +155,7 @@ pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
                             version: ABSENT_VERSION,
                         }) => {}
                         Some(Cached::Deleted { version }) => {
-                            local.insert(&ticket, i, &keys[i], Entry::Deleted { version });
+                            local.insert(ticket, i, &keys[i], Entry::Deleted { version });
                             slots[i] = Slot::Deleted { version };
                         }
                         None => {
@@ -207,7 +222,7 @@ pub async fn lookup(shared: &Arc<Shared>, keys: &[String]) -> Lookup {
                 json: None,
             }) => *slot = Slot::Deleted { version: *version },
             None if answered && !failed && missed.contains(key) => {
-                local.insert_absent(&ticket, i, key);
+                local.insert_absent(ticket, i, key);
                 shared.metrics.absent_cached.inc();
             }
             None => {}

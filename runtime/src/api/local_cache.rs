@@ -27,7 +27,11 @@ use bytes::Bytes;
 use moka::sync::Cache as Moka;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::HashMap;
+
 use super::metrics::ApiMetrics;
+use super::response::Assembled;
+use crate::config::{ScreenConfig, USER_PLACEHOLDER};
 use crate::connect;
 
 /// What Redis held for a key.
@@ -61,6 +65,24 @@ pub struct LocalCache {
     live: AtomicBool,
     prefix: String,
     metrics: ApiMetrics,
+    /// Whole screens as last answered, by `<screen>\0<user>`.
+    screens: Moka<String, Arc<ScreenEntry>>,
+    /// Per screen, bumped by an invalidation of any shared key it shows.
+    screen_gens: HashMap<String, AtomicU64>,
+    /// Shared key -> the screens showing it.
+    shared_index: HashMap<String, Vec<String>>,
+    /// Personalised keys of screens: (screen, part before `{user}`, part after).
+    templates: Vec<(String, String, String)>,
+}
+
+struct ScreenEntry {
+    assembled: Arc<Assembled>,
+    generation: u64,
+    screen_gen: u64,
+}
+
+fn screen_key(screen: &str, user: Option<&str>) -> String {
+    format!("{screen}\0{}", user.unwrap_or_default())
 }
 
 /// Taken just before a Redis read; an insert with it succeeds only if nothing changed since.
@@ -78,8 +100,24 @@ impl LocalCache {
         max_bytes: u64,
         key_prefix: &str,
         absent_ttl: Duration,
+        screens: &[ScreenConfig],
         metrics: ApiMetrics,
     ) -> Self {
+        let mut shared_index: HashMap<String, Vec<String>> = HashMap::new();
+        let mut templates = Vec::new();
+        for s in screens {
+            for k in &s.widgets {
+                match k.split_once(USER_PLACEHOLDER) {
+                    Some((before, after)) => {
+                        templates.push((s.name.clone(), before.to_string(), after.to_string()))
+                    }
+                    None => shared_index
+                        .entry(k.clone())
+                        .or_default()
+                        .push(s.name.clone()),
+                }
+            }
+        }
         let entries = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &Arc<str>, v: &Entry| {
@@ -97,6 +135,18 @@ impl LocalCache {
             .time_to_live(absent_ttl.max(Duration::from_secs(1)))
             .build();
         LocalCache {
+            screens: Moka::builder()
+                .max_capacity((max_bytes / 4).max(1024 * 1024))
+                .weigher(|k: &String, v: &Arc<ScreenEntry>| {
+                    (k.len() + v.assembled.body.len() + 160).min(u32::MAX as usize) as u32
+                })
+                .build(),
+            screen_gens: screens
+                .iter()
+                .map(|s| (s.name.clone(), AtomicU64::new(0)))
+                .collect(),
+            shared_index,
+            templates,
             enabled,
             entries,
             absent,
@@ -189,7 +239,82 @@ impl LocalCache {
         self.stripe(key).store(n, Ordering::SeqCst);
         self.entries.invalidate(key);
         self.absent.invalidate(key);
+        if let Some(screens) = self.shared_index.get(key) {
+            for s in screens {
+                if let Some(g) = self.screen_gens.get(s) {
+                    g.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        for (screen, before, after) in &self.templates {
+            if let Some(user) = key
+                .strip_prefix(before.as_str())
+                .and_then(|rest| rest.strip_suffix(after.as_str()))
+            {
+                self.screens.invalidate(&screen_key(screen, Some(user)));
+            }
+        }
         self.metrics.local_invalidations.inc();
+    }
+
+    fn screen_gen(&self, screen: &str) -> u64 {
+        self.screen_gens
+            .get(screen)
+            .map_or(0, |g| g.load(Ordering::SeqCst))
+    }
+
+    /// The screen as last answered for `user`, if nothing it shows changed since.
+    pub fn screen(&self, screen: &str, user: Option<&str>) -> Option<Arc<Assembled>> {
+        if !self.serving() {
+            return None;
+        }
+        let e = self.screens.get(&screen_key(screen, user))?;
+        (e.generation == self.generation.load(Ordering::SeqCst)
+            && e.screen_gen == self.screen_gen(screen))
+        .then(|| {
+            self.metrics.local_screens.inc();
+            e.assembled.clone()
+        })
+    }
+
+    /// The screen's generation now, taken (with the ticket) before its widgets are read.
+    pub fn screen_stamp(&self, screen: &str) -> u64 {
+        self.screen_gen(screen)
+    }
+
+    /// Keeps an answer assembled entirely from what Redis held (read under `ticket`, with the
+    /// screen's generation `stamp` taken before): only if nothing it shows changed since.
+    pub fn put_screen(
+        &self,
+        ticket: &Ticket,
+        stamp: u64,
+        screen: &str,
+        user: Option<&str>,
+        keys: &[String],
+        assembled: Assembled,
+    ) {
+        let unchanged = || {
+            self.screen_gen(screen) == stamp
+                && keys
+                    .iter()
+                    .enumerate()
+                    .all(|(i, k)| self.unchanged(ticket, i, k))
+        };
+        if !ticket.live || !self.serving() || !unchanged() {
+            return;
+        }
+        let key = screen_key(screen, user);
+        self.screens.insert(
+            key.clone(),
+            Arc::new(ScreenEntry {
+                assembled: Arc::new(assembled),
+                generation: ticket.generation,
+                screen_gen: stamp,
+            }),
+        );
+        if !unchanged() {
+            self.screens.invalidate(&key);
+        }
     }
 
     /// Drops everything and stops serving until tracking is confirmed again.
@@ -198,6 +323,7 @@ impl LocalCache {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
         self.absent.invalidate_all();
+        self.screens.invalidate_all();
         self.metrics.local_flushes.inc();
         self.metrics.local_bytes.set(0);
         tracing::debug!(why, "local cache flushed");

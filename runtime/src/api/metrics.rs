@@ -36,6 +36,8 @@ pub struct ApiMetrics {
     pub circuit_open: Family<StoreLabels, Gauge>,
     /// Keys served from the in-process cache.
     pub local_hits: Counter,
+    /// Whole screens served as assembled before (nothing they show changed).
+    pub local_screens: Counter,
     pub local_invalidations: Counter,
     pub local_flushes: Counter,
     /// Bytes the in-process cache holds (by its weigher).
@@ -58,6 +60,7 @@ impl ApiMetrics {
             store_errors: Family::default(),
             circuit_open: Family::default(),
             local_hits: Counter::default(),
+            local_screens: Counter::default(),
             local_invalidations: Counter::default(),
             local_flushes: Counter::default(),
             local_bytes: Gauge::default(),
@@ -66,6 +69,11 @@ impl ApiMetrics {
             "widget_api_local_hits",
             "Keys served from the in-process cache (kept coherent by Redis invalidations)",
             m.local_hits.clone(),
+        );
+        registry.register(
+            "widget_api_local_screens",
+            "Screens served whole as assembled before, none of their widgets having changed",
+            m.local_screens.clone(),
         );
         registry.register(
             "widget_api_local_invalidations",

@@ -297,6 +297,7 @@ impl ApiState {
             settings.local_cache.max_bytes,
             &settings.key_prefix,
             settings.absent_ttl,
+            &settings.screens,
             metrics.clone(),
         ));
         let shared = Shared {
@@ -516,13 +517,25 @@ pub async fn serve(
 /// Looks the keys up and renders the answer; 503 only when no store answered.
 async fn answer(
     shared: &Arc<Shared>,
-    screen: Option<&str>,
+    screen: Option<(&str, Option<&str>)>,
     keys: &[String],
     headers: &axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let lookup = fetch::lookup(shared, keys).await;
+    let local = &shared.local;
+    let ticket = local.ticket(keys);
+    let stamp = screen.map(|(s, _)| local.screen_stamp(s));
+    let lookup = fetch::lookup(shared, keys, &ticket).await;
     if lookup.nothing_answered() {
         return Err(ApiError::unavailable());
     }
-    Ok(response::render(screen, keys, &lookup, headers))
+    let assembled = response::assemble(screen.map(|(s, _)| s), keys, &lookup);
+    let res = response::respond(&assembled, headers);
+    // A screen answered wholly from what Redis holds is kept whole: while none of its widgets
+    // changes, the next request for it is one lookup and no assembly.
+    if let (Some((name, user)), Some(stamp)) = (screen, stamp)
+        && lookup.is_complete_from_cache()
+    {
+        local.put_screen(&ticket, stamp, name, user, keys, assembled);
+    }
+    Ok(res)
 }

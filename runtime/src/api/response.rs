@@ -120,6 +120,22 @@ pub fn body(screen: Option<&str>, keys: &[String], lookup: &Lookup) -> Vec<u8> {
     out
 }
 
+/// A finished answer: its body, validator and source header.
+#[derive(Debug, Clone)]
+pub struct Assembled {
+    pub body: bytes::Bytes,
+    pub etag: String,
+    pub source: &'static str,
+}
+
+pub fn assemble(screen: Option<&str>, keys: &[String], lookup: &Lookup) -> Assembled {
+    Assembled {
+        body: bytes::Bytes::from(body(screen, keys, lookup)),
+        etag: etag(screen, keys, lookup),
+        source: source_label(lookup),
+    }
+}
+
 /// 200 with the body, or 304 without one when the client's copy is current.
 pub fn render(
     screen: Option<&str>,
@@ -127,14 +143,16 @@ pub fn render(
     lookup: &Lookup,
     request_headers: &HeaderMap,
 ) -> Response {
-    let tag = etag(screen, keys, lookup);
-    let source = source_label(lookup);
-    let mut res = if not_modified(request_headers, &tag) {
+    respond(&assemble(screen, keys, lookup), request_headers)
+}
+
+pub fn respond(a: &Assembled, request_headers: &HeaderMap) -> Response {
+    let mut res = if not_modified(request_headers, &a.etag) {
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        let mut r = Response::new(Body::from(body(screen, keys, lookup)));
+        let mut r = Response::new(Body::from(a.body.clone()));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -142,12 +160,12 @@ pub fn render(
         r
     };
     let h = res.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&tag) {
+    if let Ok(v) = HeaderValue::from_str(&a.etag) {
         h.insert(header::ETAG, v);
     }
     // Clients may keep the body but must revalidate it (cheaply, with If-None-Match).
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(SOURCE_HEADER, HeaderValue::from_static(source));
+    h.insert(SOURCE_HEADER, HeaderValue::from_static(a.source));
     res
 }
 

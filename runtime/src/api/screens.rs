@@ -48,11 +48,19 @@ pub async fn get_screen(
         .settings
         .identity
         .user(&headers, query.user.as_deref())?;
+    if screen_keys.needs_user && user.is_none() {
+        return Err(shared.settings.identity.required());
+    }
+    // Only a personalised screen differs by user.
+    let user = user.filter(|_| screen_keys.needs_user);
+    if let Some(whole) = shared.local.screen(&screen, user.as_deref()) {
+        return Ok(super::response::respond(&whole, &headers));
+    }
     let mut keys = resolve_keys(screen_keys, user.as_deref())
         .ok_or_else(|| shared.settings.identity.required())?;
     // A configured list may repeat a key; ask for each once, keep the first position.
     dedupe(&mut keys);
-    super::answer(shared, Some(&screen), &keys, &headers).await
+    super::answer(shared, Some((&screen, user.as_deref())), &keys, &headers).await
 }
 
 /// Removes later duplicates, keeping order.
