@@ -655,6 +655,15 @@ impl Config {
                 ));
             }
             for (j, key) in screen.widgets.iter().enumerate() {
+                // One user per key: core-api maps a personalised key back to its user (to
+                // drop that user's copy of the screen), which two placeholders would make
+                // ambiguous.
+                if key.matches(USER_PLACEHOLDER).count() > 1 {
+                    return Err(invalid(
+                        format!("screens[{i}].widgets[{j}]"),
+                        format!("`{key}`: at most one {USER_PLACEHOLDER} per key"),
+                    ));
+                }
                 // A placeholder stands for a valid parameter; check the key with one substituted.
                 let concrete = key.replace(USER_PLACEHOLDER, "u");
                 WidgetKey::parse(&concrete).map_err(|e: KeyError| {
@@ -916,6 +925,22 @@ screens:
         assert_eq!(c.redis.connect_timeout, Duration::from_secs(1));
         assert_eq!(c.redis.response_timeout, Duration::from_secs(2));
         assert_eq!(c.redis.keepalive, Duration::from_secs(30));
+        assert!(
+            c.local_cache.enabled,
+            "the in-process cache is on by default"
+        );
+        assert_eq!(c.local_cache.max_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_key_with_two_user_placeholders_and_a_tiny_local_cache_are_refused() {
+        let two = "pipeline: p\nsources: [{name: deals}]\n\
+                   screens: [{name: s, widgets: [\"deals.x:{user}-{user}\"]}]\n";
+        let e = Config::from_yaml_str(two).expect_err("two placeholders");
+        assert!(e.to_string().contains("screens[0].widgets[0]"), "{e}");
+        let tiny = "pipeline: p\nsources: [{name: deals}]\nlocalCache: {maxBytes: 1000}\n";
+        let e = Config::from_yaml_str(tiny).expect_err("too small");
+        assert!(e.to_string().contains("localCache.maxBytes"), "{e}");
     }
 
     #[test]

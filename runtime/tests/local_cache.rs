@@ -368,3 +368,32 @@ identity: {mode: header, header: x-user-id}
     assert_eq!(screen("b").await.0, want(1, 2, "b", 1));
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_shared_connection_is_replaced_within_seconds() {
+    let stack = Stack::with_config(&format!("{CONFIG}localCache: {{enabled: false}}\n")).await;
+    put(&stack, "deals.w-0", 3, 100).await;
+    let proxy = TcpProxy::start(stack.redis.port()).await.expect("proxy");
+    let api = start_api_on(&stack, &format!("redis://127.0.0.1:{}/", proxy.port())).await;
+    let from_cache = || async {
+        let r = api.get("/v1/widgets?keys=deals.w-0").await;
+        r.header("x-widget-source") == Some("cache")
+    };
+    assert!(from_cache().await);
+    // A failover behind the address: the old connections swallow everything and are never
+    // reset, new ones reach a healthy Redis.
+    proxy.blackhole_open_connections();
+    let start = Instant::now();
+    let back = eventually(Duration::from_secs(15), || async {
+        from_cache().await.then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "served from Redis again");
+    println!("served from Redis again after {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "replaced well before the kernel gives up on the socket: {:?}",
+        start.elapsed()
+    );
+    api.stop().await;
+}

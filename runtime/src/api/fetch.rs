@@ -188,7 +188,7 @@ pub async fn lookup(shared: &Arc<Shared>, keys: &[String], ticket: &Ticket) -> L
     let missed: Vec<String> = keys
         .iter()
         .zip(&lookup.slots)
-        .filter(|(k, s)| **s == Slot::Missing && !local.known_absent(k))
+        .filter(|(k, s)| **s == Slot::Missing && !(cache_answered && local.known_absent(k)))
         .map(|(k, _)| k.clone())
         .collect();
     if missed.is_empty() {
@@ -350,7 +350,7 @@ async fn lead_read(
 /// Keys Postgres does not have are not written to Redis: a client can ask for any number of
 /// made-up keys, and markers for them would fill the Redis that also holds the stream. They
 /// are remembered in process instead (bounded, [`super::local_cache`]).
-async fn backfill(shared: &Shared, rows: &HashMap<String, DbRow>) {
+async fn backfill(shared: &Arc<Shared>, rows: &HashMap<String, DbRow>) {
     if !shared.redis_breaker.allows() {
         return;
     }

@@ -49,6 +49,9 @@ impl Entry {
     }
 }
 
+/// Invalidations queued but not applied yet beyond which the cache is flushed.
+const BACKLOG_LIMIT: usize = 10_000;
+
 /// Invalidation sequence numbers by key hash: a read compares them before and after.
 const STRIPES: usize = 1 << 14;
 
@@ -128,6 +131,8 @@ impl LocalCache {
                 // Key, value and moka's own bookkeeping (about 100 bytes an entry).
                 (k.len() + json + 128).min(u32::MAX as usize) as u32
             })
+            // A backstop only: an invalidation normally drops an entry long before.
+            .time_to_live(absent_ttl.max(Duration::from_secs(1)))
             .build();
         let absent = Moka::builder()
             .max_capacity((max_bytes / 4).max(1024 * 1024))
@@ -140,6 +145,7 @@ impl LocalCache {
                 .weigher(|k: &String, v: &Arc<ScreenEntry>| {
                     (k.len() + v.assembled.body.len() + 160).min(u32::MAX as usize) as u32
                 })
+                .time_to_live(absent_ttl.max(Duration::from_secs(1)))
                 .build(),
             screen_gens: screens
                 .iter()
@@ -180,7 +186,8 @@ impl LocalCache {
 
     /// Whether Postgres was recently found not to have `key` (and nothing wrote it since).
     pub fn known_absent(&self, key: &str) -> bool {
-        self.absent.contains_key(key)
+        // Only while invalidations arrive: nothing else would tell it the key was written.
+        self.serving() && self.absent.contains_key(key)
     }
 
     pub fn ticket(&self, keys: &[String]) -> Ticket {
@@ -223,7 +230,7 @@ impl LocalCache {
 
     /// Remembers that Postgres does not have `keys[i]` (read under `ticket`).
     pub fn insert_absent(&self, ticket: &Ticket, i: usize, key: &str) {
-        if !self.unchanged(ticket, i, key) {
+        if !ticket.live || !self.serving() || !self.unchanged(ticket, i, key) {
             return;
         }
         let key: Arc<str> = Arc::from(key);
@@ -402,6 +409,20 @@ impl LocalCache {
                 }
                 _ = health.tick() => {
                     let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+                    // Pushes sent before the PING's reply are queued by now. A queue this long
+                    // means invalidations are applied late (a burst of writes, a replay):
+                    // drop everything, catch up, then serve again.
+                    if rx.len() > BACKLOG_LIMIT {
+                        self.flush("invalidation backlog");
+                        while let Ok(push) = rx.try_recv() {
+                            match push.kind {
+                                redis::PushKind::Invalidate => self.apply(&push.data),
+                                redis::PushKind::Disconnection => return Ok(()),
+                                _ => {}
+                            }
+                        }
+                        self.confirm();
+                    }
                 }
             }
         }

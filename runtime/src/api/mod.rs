@@ -34,7 +34,6 @@ use axum::routing::get;
 use prometheus_client::registry::Registry;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
@@ -131,10 +130,12 @@ pub struct Shared {
     screens: HashMap<String, ScreenKeys>,
     cache: Cache,
     redis: connect::Redis,
-    conn: OnceCell<ConnectionManager>,
+    conn: ConnSlot,
     /// The prober's own connection: a PING queued behind a large reply on the shared one
     /// would make a slow reply look like a dead Redis.
-    probe_conn: OnceCell<ConnectionManager>,
+    probe_conn: ConnSlot,
+    /// Whether the shared connection still delivers replies (late ones count).
+    liveness: Liveness,
     pool: PgPool,
     pub redis_breaker: Breaker,
     pub db_breaker: Breaker,
@@ -151,55 +152,94 @@ pub struct Shared {
 impl Shared {
     /// The shared Redis connection, opened on first use (so the API starts while Redis is down).
     async fn redis_conn(&self) -> redis::RedisResult<ConnectionManager> {
-        self.conn
-            .get_or_try_init(|| self.redis.manager())
-            .await
-            .cloned()
+        self.conn.get(&self.redis).await
     }
 
     /// Runs one Redis call under the request timeout and feeds the outcome to the breaker.
-    async fn redis_call<T, F, Fut>(&self, call: F) -> Result<T, String>
+    ///
+    /// A large reply can take longer than the request's budget on a Redis that is fine, so a
+    /// timeout alone does not count against the breaker: the call goes on in the background,
+    /// and its late reply shows the shared connection still works. The prober tells a slow
+    /// reply from a dead Redis (its own connection) or a dead shared connection (timed-out
+    /// calls and no reply at all for [`SHARED_DEAD_AFTER`]).
+    async fn redis_call<T, F, Fut>(self: &Arc<Self>, call: F) -> Result<T, String>
     where
         F: FnOnce(ConnectionManager) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
     {
-        let attempt = async {
-            let conn = self.redis_conn().await?;
-            call(conn).await
+        let conn = match tokio::time::timeout(self.settings.redis_timeout, self.redis_conn()).await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(self.redis_failed(e.to_string())),
+            Err(_) => return Err(self.redis_failed("connecting timed out".into())),
         };
-        let error = match tokio::time::timeout(self.settings.redis_timeout, attempt).await {
-            Ok(Ok(v)) => {
-                self.redis_breaker.record_success();
-                return Ok(v);
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => {
-                // A large reply can take longer than the request's budget on a Redis that is
-                // fine: a timeout alone does not count against the breaker. The prober's PING
-                // (every probeInterval, same budget, failures counted while closed) tells a
-                // slow reply from a Redis that is gone.
+        let mut attempt = Box::pin(call(conn));
+        let error = tokio::select! {
+            r = &mut attempt => match r {
+                Ok(v) => {
+                    self.liveness.replied();
+                    self.redis_breaker.record_success();
+                    return Ok(v);
+                }
+                Err(e) => e.to_string(),
+            },
+            _ = tokio::time::sleep(self.settings.redis_timeout) => {
                 self.metrics.store_error("redis");
-                return Err(format!(
-                    "no answer within {:?}",
-                    self.settings.redis_timeout
-                ));
+                self.liveness.timed_out();
+                let shared = self.clone();
+                tokio::spawn(async move {
+                    if attempt.await.is_ok() {
+                        shared.liveness.replied();
+                    }
+                });
+                return Err(format!("no answer within {:?}", self.settings.redis_timeout));
             }
         };
+        Err(self.redis_failed(error))
+    }
+
+    fn redis_failed(&self, error: String) -> String {
         self.metrics.store_error("redis");
         self.redis_breaker.record_failure(&error);
-        Err(error)
+        error
     }
 
-    async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, String> {
-        let cache = &self.cache;
-        self.redis_call(|mut c| async move { cache.get_many(&mut c, keys).await })
+    async fn mget(self: &Arc<Self>, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, String> {
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(self.cache.key(k));
+        }
+        self.redis_call(|mut c| async move { cmd.query_async(&mut c).await })
             .await
     }
 
-    async fn write_cache(&self, writes: &[CacheWrite<'_>]) -> Result<Vec<bool>, String> {
-        let cache = &self.cache;
-        self.redis_call(|mut c| async move { cache.write_many(&mut c, writes).await })
-            .await
+    async fn write_cache(self: &Arc<Self>, writes: &[CacheWrite<'_>]) -> Result<Vec<bool>, String> {
+        let cache = self.cache.clone();
+        let owned: Vec<(String, i64, Option<Vec<u8>>, Duration)> = writes
+            .iter()
+            .map(|w| {
+                (
+                    w.widget_key.to_string(),
+                    w.version,
+                    w.json.map(<[u8]>::to_vec),
+                    w.ttl,
+                )
+            })
+            .collect();
+        self.redis_call(|mut c| async move {
+            let writes: Vec<CacheWrite<'_>> = owned
+                .iter()
+                .map(|(k, version, json, ttl)| CacheWrite {
+                    widget_key: k,
+                    version: *version,
+                    json: json.as_deref(),
+                    ttl: *ttl,
+                })
+                .collect();
+            cache.write_many(&mut c, &writes).await
+        })
+        .await
     }
 
     fn breaker(&self, store: Store) -> &Breaker {
@@ -221,23 +261,36 @@ impl Shared {
     async fn ping_redis(&self) -> Result<(), String> {
         // Connecting (once, then after each reconnect) is not what requests pay for: it gets
         // more time than the PING.
-        let connect = self.probe_conn.get_or_try_init(|| self.redis.manager());
+        let connect = self.probe_conn.get(&self.redis);
         let mut conn = match tokio::time::timeout(self.settings.redis_timeout * 4, connect).await {
-            Ok(Ok(conn)) => conn.clone(),
+            Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("connecting timed out".into()),
         };
         let ping = redis::cmd("PING");
-        match tokio::time::timeout(
+        let answer = tokio::time::timeout(
             self.settings.redis_timeout,
             ping.query_async::<String>(&mut conn),
         )
-        .await
-        {
+        .await;
+        let outcome = match answer {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("PING timed out".into()),
+        };
+        if outcome.is_err() {
+            // A half-open probe connection would keep the circuit open while Redis is fine.
+            self.probe_conn.reset();
+            return outcome;
         }
+        // Redis answers; the shared connection may still be dead (half-open after a
+        // failover): timed-out calls and not a single reply since.
+        if self.liveness.silent_for() >= SHARED_DEAD_AFTER {
+            self.conn.reset();
+            self.liveness.replied();
+            return Err("the shared connection stopped answering; replaced".into());
+        }
+        Ok(())
     }
 
     async fn ping_database(&self) -> Result<(), String> {
@@ -260,6 +313,76 @@ impl Shared {
     /// The screen's keys for this request, `{user}` filled in.
     pub fn screen_keys(&self, screen: &str) -> Option<&ScreenKeys> {
         self.screens.get(screen)
+    }
+}
+
+/// A shared connection with timed-out calls and no reply for this long is replaced.
+const SHARED_DEAD_AFTER: Duration = Duration::from_secs(2);
+
+/// A Redis connection opened on first use and replaced when found dead.
+#[derive(Default)]
+struct ConnSlot(std::sync::Mutex<Option<ConnectionManager>>);
+
+impl ConnSlot {
+    async fn get(&self, redis: &connect::Redis) -> redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.0.lock().ok().and_then(|g| g.clone()) {
+            return Ok(c);
+        }
+        let made = redis.manager().await?;
+        match self.0.lock() {
+            Ok(mut g) => Ok(g.get_or_insert(made).clone()),
+            Err(_) => Ok(made),
+        }
+    }
+
+    fn reset(&self) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = None;
+        }
+    }
+}
+
+/// When the shared connection last replied, and the first call that timed out since.
+struct Liveness {
+    start: Instant,
+    /// Milliseconds since `start` of the first timeout without a reply after it; 0 = none.
+    timed_out_at: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            start: Instant::now(),
+            timed_out_at: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Liveness {
+    fn now_ms(&self) -> u64 {
+        (self.start.elapsed().as_millis() as u64).max(1)
+    }
+
+    fn replied(&self) {
+        self.timed_out_at
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn timed_out(&self) {
+        let _ = self.timed_out_at.compare_exchange(
+            0,
+            self.now_ms(),
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// How long calls have been timing out with no reply at all (zero when none did).
+    fn silent_for(&self) -> Duration {
+        match self.timed_out_at.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Duration::ZERO,
+            t => Duration::from_millis(self.now_ms().saturating_sub(t)),
+        }
     }
 }
 
@@ -317,8 +440,9 @@ impl ApiState {
             personal,
             screens,
             redis: redis.into(),
-            conn: OnceCell::new(),
-            probe_conn: OnceCell::new(),
+            conn: ConnSlot::default(),
+            probe_conn: ConnSlot::default(),
+            liveness: Liveness::default(),
             pool,
             flights: fetch::Flights::default(),
             metrics,
