@@ -149,8 +149,12 @@ impl Component {
             .append(true)
             .open(self.log_path())
             .context("component log")?;
-        let mut cmd = Command::new(binary);
-        cmd.args(&self.args)
+        // Through `setpriv --pdeathsig KILL` (as testkit starts its servers): if the suite
+        // itself is killed, its components go with it instead of running on.
+        let mut cmd = Command::new("setpriv");
+        cmd.arg("--pdeathsig=KILL")
+            .arg(binary)
+            .args(&self.args)
             .arg("--config")
             .arg(config)
             .arg("--admin-listen")
