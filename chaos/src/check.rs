@@ -107,7 +107,12 @@ pub async fn check(
         pool.close().await;
     }
     let mut conn = fleet.redis_conn().await?;
-    let (pending, unread) = group_backlog(&mut conn, &fleet.config.stream_name()).await?;
+    let (pending, unread) = group_backlog(
+        &mut conn,
+        &fleet.config.stream_name(),
+        &fleet.config.stream.consumer_group,
+    )
+    .await?;
     v.pending = pending;
     v.unread = unread;
     let dead: redis::streams::StreamRangeReply = conn
@@ -253,26 +258,27 @@ pub async fn check(
     Ok(v)
 }
 
-/// The consumer group's pending entries and its unread entries (`lag`).
+/// The consumer group's pending entries and its unread entries, as the operator's probe reads
+/// them (`XINFO GROUPS`, redis-rs's typed reply). When Redis cannot tell the lag (after
+/// deletions inside the stream), an entry after the group's last-delivered id counts as unread.
 pub async fn group_backlog(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
+    group: &str,
 ) -> Result<(i64, i64)> {
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .context("XINFO GROUPS")?;
-    let mut pending = 0;
-    let mut unread = 0;
-    for g in groups {
-        let int = |name: &str| match g.get(name) {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        };
-        pending += int("pending");
-        unread += int("lag");
-    }
-    Ok((pending, unread))
+    let reply: redis::streams::StreamInfoGroupsReply =
+        conn.xinfo_groups(stream).await.context("XINFO GROUPS")?;
+    let Some(g) = reply.groups.iter().find(|g| g.name == group) else {
+        anyhow::bail!("no consumer group {group} on {stream}");
+    };
+    let unread = match g.lag {
+        Some(lag) => lag as i64,
+        None => {
+            let last: redis::streams::StreamRangeReply =
+                conn.xrevrange_count(stream, "+", "-", 1).await?;
+            let newest = last.ids.first().map(|e| e.id.as_str()).unwrap_or("0-0");
+            i64::from(newest != g.last_delivered_id)
+        }
+    };
+    Ok((g.pending as i64, unread))
 }

@@ -42,14 +42,6 @@ redis: {{connectTimeout: 500ms, responseTimeout: 1s}}
     )
 }
 
-/// What a component is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Role {
-    Worker { source: &'static str },
-    Ingester,
-    Api,
-}
-
 /// Where the `widget-runtime` binary is: `WIDGET_RUNTIME_BIN`, else next to this executable
 /// (`target/<profile>/`, also from `target/<profile>/deps/` where test binaries live).
 pub fn runtime_binary() -> Result<PathBuf> {
@@ -106,7 +98,6 @@ struct Tally {
 /// One `widget-runtime` process, restartable.
 pub struct Component {
     pub name: String,
-    pub role: Role,
     child: Option<Child>,
     pub admin: String,
     pub public: Option<String>,
@@ -235,9 +226,7 @@ impl Component {
 
     fn signal(&self, sig: &str) {
         if let Some(pid) = self.pid() {
-            let _ = std::process::Command::new("kill")
-                .args([format!("-{sig}"), pid.to_string()])
-                .status();
+            signal_pid(pid, sig);
         }
     }
 
@@ -282,7 +271,9 @@ impl Component {
         self.scrape(http).await;
         let mut child = self.child.take().ok_or_else(|| anyhow!("not running"))?;
         let start = Instant::now();
-        self.signal_child(&child, "TERM");
+        if let Some(pid) = child.id() {
+            signal_pid(pid, "TERM");
+        }
         let outcome = match tokio::time::timeout(limit, child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(start.elapsed()),
             Ok(Ok(status)) => Err(anyhow!("exited with {status}")),
@@ -296,20 +287,18 @@ impl Component {
         outcome
     }
 
-    fn signal_child(&self, child: &Child, sig: &str) {
-        if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .args([format!("-{sig}"), pid.to_string()])
-                .status();
-        }
-    }
-
     fn links(&self) -> impl Iterator<Item = &TcpProxy> {
         self.redis_link
             .proxy
             .iter()
             .chain(self.db_link.proxy.iter())
     }
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status();
 }
 
 /// Sum of every sample of a counter family in a Prometheus text exposition.
@@ -404,7 +393,6 @@ impl Fleet {
             ];
             components.push(component(
                 format!("worker-{source}"),
-                Role::Worker { source },
                 vec!["outbox-worker".into()],
                 env,
                 redis_link,
@@ -417,7 +405,6 @@ impl Fleet {
                 core_side(&redis, &core_pg, &core_url, proxied).await?;
             components.push(component(
                 format!("ingester-{i}"),
-                Role::Ingester,
                 vec![
                     "ingester".into(),
                     "--consumer".into(),
@@ -434,7 +421,6 @@ impl Fleet {
                 core_side(&redis, &core_pg, &core_url, proxied).await?;
             let mut c = component(
                 format!("api-{i}"),
-                Role::Api,
                 vec!["core-api".into()],
                 env,
                 redis_link,
@@ -584,7 +570,6 @@ impl Fleet {
 
 fn component(
     name: String,
-    role: Role,
     args: Vec<String>,
     env: Vec<(String, String)>,
     redis_link: Link,
@@ -593,7 +578,6 @@ fn component(
 ) -> Result<Component> {
     Ok(Component {
         name,
-        role,
         child: None,
         admin: format!("127.0.0.1:{}", testkit::free_port()?),
         public: None,

@@ -118,11 +118,11 @@ pub fn load_table(rows: &[LoadRow]) -> String {
 /// Redis's PSS, and a sample may land on it).
 pub struct Growth {
     pub name: String,
-    pub rss_first: f64,
-    pub rss_last: f64,
-    pub rss_max: f64,
-    pub sockets_first: usize,
-    pub sockets_last: usize,
+    pub mem_third_quarter: f64,
+    pub mem_last_quarter: f64,
+    pub mem_max: f64,
+    pub sockets_third_quarter: usize,
+    pub sockets_last_quarter: usize,
     pub sockets_max: usize,
 }
 
@@ -130,7 +130,8 @@ impl Growth {
     /// Memory within 20% (+16 MiB for allocator noise) of its level in the third quarter, and
     /// no more than 4 sockets above it: nothing grows with time.
     pub fn steady(&self) -> bool {
-        self.rss_last <= self.rss_first * 1.2 + 16.0 && self.sockets_last <= self.sockets_first + 4
+        self.mem_last_quarter <= self.mem_third_quarter * 1.2 + 16.0
+            && self.sockets_last_quarter <= self.sockets_third_quarter + 4
     }
 }
 
@@ -162,11 +163,11 @@ pub fn soak_growth(samples: &[SoakSample]) -> Vec<Growth> {
             let second_half: Vec<(f64, usize)> = a.iter().chain(&b).copied().collect();
             Growth {
                 name: name.clone(),
-                rss_first: median(a.iter().map(|p| p.0).collect()).unwrap_or(0.0),
-                rss_last: median(b.iter().map(|p| p.0).collect()).unwrap_or(0.0),
-                rss_max: second_half.iter().map(|p| p.0).fold(0.0, f64::max),
-                sockets_first: median(a.iter().map(|p| p.1).collect()).unwrap_or(0),
-                sockets_last: median(b.iter().map(|p| p.1).collect()).unwrap_or(0),
+                mem_third_quarter: median(a.iter().map(|p| p.0).collect()).unwrap_or(0.0),
+                mem_last_quarter: median(b.iter().map(|p| p.0).collect()).unwrap_or(0.0),
+                mem_max: second_half.iter().map(|p| p.0).fold(0.0, f64::max),
+                sockets_third_quarter: median(a.iter().map(|p| p.1).collect()).unwrap_or(0),
+                sockets_last_quarter: median(b.iter().map(|p| p.1).collect()).unwrap_or(0),
                 sockets_max: second_half.iter().map(|p| p.1).max().unwrap_or(0),
             }
         })
@@ -183,11 +184,11 @@ pub fn soak_table(growth: &[Growth]) -> String {
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             g.name,
-            g.rss_first,
-            g.rss_last,
-            g.rss_max,
-            g.sockets_first,
-            g.sockets_last,
+            g.mem_third_quarter,
+            g.mem_last_quarter,
+            g.mem_max,
+            g.sockets_third_quarter,
+            g.sockets_last_quarter,
             g.sockets_max,
             if g.steady() { "yes" } else { "**no**" }
         );

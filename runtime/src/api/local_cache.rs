@@ -264,7 +264,8 @@ impl LocalCache {
         self.metrics.local_invalidations.inc();
     }
 
-    fn screen_gen(&self, screen: &str) -> u64 {
+    /// The screen's generation now; taken (with the ticket) before its widgets are read.
+    pub fn screen_gen(&self, screen: &str) -> u64 {
         self.screen_gens
             .get(screen)
             .map_or(0, |g| g.load(Ordering::SeqCst))
@@ -282,11 +283,6 @@ impl LocalCache {
             self.metrics.local_screens.inc();
             e.assembled.clone()
         })
-    }
-
-    /// The screen's generation now, taken (with the ticket) before its widgets are read.
-    pub fn screen_stamp(&self, screen: &str) -> u64 {
-        self.screen_gen(screen)
     }
 
     /// Keeps an answer assembled entirely from what Redis held (read under `ticket`, with the

@@ -647,7 +647,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let local = &shared.local;
     let ticket = local.ticket(keys);
-    let stamp = screen.map(|(s, _)| local.screen_stamp(s));
+    let stamp = screen.map(|(s, _)| local.screen_gen(s));
     let lookup = fetch::lookup(shared, keys, &ticket).await;
     if lookup.nothing_answered() {
         return Err(ApiError::unavailable());
