@@ -5,9 +5,10 @@
 //!
 //! Starts private Postgres and Redis servers (testkit), then measures with the same rows
 //! (about 1 KB of JSON each, 1000 distinct keys, increasing versions):
-//! - baseline: the raw batched UNNEST upsert (`store::apply_batch`, batches of 500);
+//! - baseline: the raw batched UNNEST upsert (`store::apply_batch`, batches of 500), and the
+//!   ingester draining a pre-filled stream of the same rows (decode, upsert, guarded cache
+//!   script, XACK with confirmations), alternately, five pairs; medians and per-pair ratios;
 //! - baseline: raw pipelined SET of the finished cache values (batches of 500);
-//! - the ingester draining a pre-filled stream (decode, upsert, guarded cache script, XACK);
 //! - the ingester at a fixed offered rate: ingress lag (XADD time to ACK) p50/p99, from the
 //!   stats hash the ingester flushes (millisecond resolution);
 //! - the whole pipeline at a fixed rate, with retention on: outbox INSERT (producer library) ->
@@ -36,6 +37,8 @@ use widget_runtime::store::{self, Change};
 use widget_runtime::stream::StreamEvent;
 
 const BATCH: usize = 500;
+/// Pairs of (raw upsert, ingester drain) measured alternately.
+const ROUNDS: usize = 5;
 
 fn now_us() -> i64 {
     std::time::SystemTime::now()
@@ -178,14 +181,48 @@ async fn main() {
     let mut conn = redis.connection().await.expect("redis connection");
     let all: Vec<StreamEvent> = (0..events).map(event).collect();
 
-    // Baseline 1: the raw batched UNNEST upsert of the same rows.
-    let (_, base_pool) = migrated(&pg).await;
+    // The raw batched UNNEST upsert of the same rows, and the ingester draining a pre-filled
+    // stream of them, alternately, each on a database of its own: one pair is under a second,
+    // and the machine's load moves between pairs, so the ratio is taken per pair.
     let changes: Vec<Change> = all.iter().map(change).collect();
-    let t = Instant::now();
-    for chunk in changes.chunks(BATCH) {
-        store::apply_batch(&base_pool, chunk).await.expect("upsert");
+    let mut pairs: Vec<(Duration, Duration)> = Vec::new();
+    for round in 0..ROUNDS {
+        let (_, base_pool) = migrated(&pg).await;
+        let t = Instant::now();
+        for chunk in changes.chunks(BATCH) {
+            store::apply_batch(&base_pool, chunk).await.expect("upsert");
+        }
+        let upsert_took = t.elapsed();
+        base_pool.close().await;
+
+        let drain = config(&format!("drain{round}"));
+        let (drain_url, drain_pool) = migrated(&pg).await;
+        drain_pool.close().await;
+        xadd_all(&mut conn, &drain.stream_name(), &all).await;
+        let t = Instant::now();
+        let (cancel, handle) = start(&drain, &redis, &drain_url, stats::FLUSH_INTERVAL);
+        wait_drained(&mut conn, &drain).await;
+        let drain_took = t.elapsed();
+        cancel.cancel();
+        handle.await.expect("ingester task");
+        let () = redis::cmd("DEL")
+            .arg(drain.stream_name())
+            .query_async(&mut conn)
+            .await
+            .expect("del stream");
+        pairs.push((upsert_took, drain_took));
     }
-    let upsert_took = t.elapsed();
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let upsert_took = median(pairs.iter().map(|p| p.0).collect());
+    let drain_took = median(pairs.iter().map(|p| p.1).collect());
+    let mut ratios: Vec<f64> = pairs
+        .iter()
+        .map(|(u, d)| u.as_secs_f64() / d.as_secs_f64().max(1e-9))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
 
     // Baseline 2: raw pipelined SET of the same cache values.
     let cache = Cache::new("hw:baseline:");
@@ -218,17 +255,6 @@ async fn main() {
         pipe.query_async::<()>(&mut conn).await.expect("set");
     }
     let set_took = t.elapsed();
-
-    // The ingester draining a pre-filled stream.
-    let drain = config("drain");
-    let (drain_url, _drain_pool) = migrated(&pg).await;
-    xadd_all(&mut conn, &drain.stream_name(), &all).await;
-    let t = Instant::now();
-    let (cancel, handle) = start(&drain, &redis, &drain_url, stats::FLUSH_INTERVAL);
-    wait_drained(&mut conn, &drain).await;
-    let drain_took = t.elapsed();
-    cancel.cancel();
-    handle.await.expect("ingester task");
 
     // The ingester at a fixed offered rate; the stats hash is flushed only at the end, so its
     // lag percentiles cover the whole run.
@@ -282,7 +308,7 @@ async fn main() {
         "", "", "", "", "", ""
     );
     row(
-        "baseline: raw batched UNNEST upsert (apply_batch)",
+        "baseline: raw batched UNNEST upsert (median)",
         events,
         upsert_took,
         None,
@@ -294,7 +320,7 @@ async fn main() {
         None,
     );
     row(
-        "ingester: drain pre-filled stream (upsert+cache+ack)",
+        "ingester: drain pre-filled stream (median)",
         events,
         drain_took,
         None,
@@ -312,6 +338,15 @@ async fn main() {
         pipe_lag,
     );
     println!("(pipeline row: at most {max_retained} relayed rows retained awaiting confirmation)");
+    println!(
+        "(drain vs upsert, {ROUNDS} pairs run alternately: {}; median {:.2}x)",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        ratios[ratios.len() / 2]
+    );
     println!();
     println!(
         "re-warm: {} widgets in Postgres, Redis empty, warmRate {}/s, a reader of 50-key requests on one core-api",

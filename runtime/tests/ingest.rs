@@ -1604,3 +1604,75 @@ async fn store_outages_dead_letter_nothing() {
     a.stop().await;
     b.stop().await;
 }
+
+// A batch is read ahead while the one before is upserted, and finished (cached, acknowledged)
+// while the one after is: a stop in the middle of a drain must still leave nothing pending (a
+// read-ahead batch would otherwise wait minutes for a reclaim) and nothing acknowledged that
+// is not stored and cached.
+#[tokio::test]
+async fn a_stop_mid_drain_leaves_nothing_pending_and_every_ack_stored_and_cached() {
+    let stack = Stack::start().await;
+    let mut conn = stack.redis_conn().await;
+    let stream = stack.config.stream_name();
+    const TOTAL: i64 = 15000;
+    const KEYS: i64 = 700;
+    let mut pipe = redis::pipe();
+    for i in 1..=TOTAL {
+        let ev = event("deals", &format!("deals.ahead-{}", i % KEYS), i, Op::Upsert);
+        pipe.xadd(&stream, "*", &ev.to_fields()).ignore();
+    }
+    let () = pipe.query_async(&mut conn).await.expect("xadd");
+    let ing = Running::start(&stack, "pod-ahead", 200);
+    let some = eventually(WAIT, || {
+        let (mut c, stream) = (conn.clone(), stream.clone());
+        let group = stack.config.stream.consumer_group.clone();
+        async move {
+            let (pending, _, read) = group_state(&mut c, &stream, &group).await?;
+            (read - pending >= 1000).then_some(())
+        }
+    })
+    .await;
+    assert!(some.is_some(), "the ingester got going");
+    ing.stop().await;
+
+    let (pending, _, read) = group_state(&mut conn, &stream, &stack.config.stream.consumer_group)
+        .await
+        .expect("group");
+    assert_eq!(pending, 0, "nothing left pending by a graceful stop");
+    assert!(read < TOTAL as usize, "stopped mid-drain (read {read})");
+    // Entries are delivered in stream order, so the acknowledged ones are the first `read`.
+    let pool = stack.pool(&stack.core_url).await;
+    let cache = Cache::new(stack.config.key_prefix());
+    for k in 0..KEYS {
+        let key = format!("deals.ahead-{k}");
+        let newest_acked = (1..=read as i64).rev().find(|i| i % KEYS == k);
+        let row = stored(&pool, &key).await.map(|r| r.0);
+        let in_cache =
+            cached(&mut conn, &cache, &key)
+                .await
+                .and_then(|raw| match cache::decode_value(&raw) {
+                    Some(Cached::Widget { version, .. }) => Some(version),
+                    _ => None,
+                });
+        let Some(v) = newest_acked else { continue };
+        assert!(row >= Some(v), "{key}: acked v{v}, stored {row:?}");
+        assert!(
+            in_cache >= Some(v),
+            "{key}: acked v{v}, cached {in_cache:?}"
+        );
+    }
+
+    // Started again, it drains the rest.
+    let ing = Running::start(&stack, "pod-ahead", 200);
+    wait_drained(&mut conn, &stack.config).await;
+    for k in 0..KEYS {
+        let key = format!("deals.ahead-{k}");
+        let newest = (1..=TOTAL).rev().find(|i| i % KEYS == k).expect("some");
+        assert_eq!(
+            stored(&pool, &key).await.map(|r| r.0),
+            Some(newest),
+            "{key}"
+        );
+    }
+    ing.stop().await;
+}

@@ -11,6 +11,7 @@
 //! would be lost for good. A row whose stored version is newer is never cached from the event.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -18,26 +19,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, Entry};
 use super::dead_letter::DeadLetter;
-use super::{Halt, Worker};
-use crate::cache::CacheWrite;
+use super::metrics::IngestMetrics;
+use super::{Halt, Links, Worker};
+use crate::cache::{Cache, CacheWrite};
 use crate::connect::Deadline;
 use crate::durability::{self, Confirmations};
-use crate::stats;
+use crate::stats::{self, Stats};
 use crate::store::{self, Change};
 use crate::stream::StreamEvent;
 
-/// A decoded entry ready to apply.
+/// What a decoded entry needs beside its change: its id to acknowledge, its timestamp for the
+/// lag figures, and the outbox row to confirm.
 #[derive(Debug, Clone)]
-pub(super) struct Valid {
+pub(super) struct Meta {
     pub id: String,
-    pub change: Change,
     pub produced_at_us: i64,
     /// The outbox row it came from, when a worker of its source relayed it.
     pub outbox_row: Option<durability::RowRef>,
 }
 
 /// Decodes one entry, or says why it must be dead-lettered.
-pub(super) fn decode(entry: &Entry) -> Result<Valid, (&'static str, String)> {
+pub(super) fn decode(entry: &Entry) -> Result<(Meta, Change), (&'static str, String)> {
     let ev = StreamEvent::decode(&entry.fields).map_err(|e| (e.reason(), e.to_string()))?;
     let content = match ev.content {
         Some(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
@@ -48,7 +50,7 @@ pub(super) fn decode(entry: &Entry) -> Result<Valid, (&'static str, String)> {
         })?),
         None => None,
     };
-    Ok(Valid {
+    let meta = Meta {
         id: entry.id.clone(),
         produced_at_us: ev.produced_at_us,
         outbox_row: durability::outbox_id(&ev.event_id, &ev.source).map(|id| durability::RowRef {
@@ -56,15 +58,54 @@ pub(super) fn decode(entry: &Entry) -> Result<Valid, (&'static str, String)> {
             version: ev.data_version,
             produced_at_us: ev.produced_at_us,
         }),
-        change: Change {
-            widget_key: ev.widget_key,
-            widget_type: ev.widget_type,
-            source: ev.source,
-            data_version: ev.data_version,
-            op: ev.op,
-            content,
-        },
-    })
+    };
+    let change = Change {
+        widget_key: ev.widget_key,
+        widget_type: ev.widget_type,
+        source: ev.source,
+        data_version: ev.data_version,
+        op: ev.op,
+        content,
+    };
+    Ok((meta, change))
+}
+
+/// A batch as read: the changes to apply with their entries' bookkeeping, and the entries to
+/// dead-letter.
+pub(super) struct Decoded {
+    metas: Vec<Meta>,
+    changes: Vec<Change>,
+    dead: Vec<DeadLetter>,
+    entries: usize,
+    started: Instant,
+}
+
+/// Decodes every entry; oversized and undecodable ones join `dead`.
+pub(super) fn decode_all(entries: Vec<Entry>, mut dead: Vec<DeadLetter>) -> Decoded {
+    let started = Instant::now();
+    let mut metas: Vec<Meta> = Vec::with_capacity(entries.len());
+    let mut changes: Vec<Change> = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let size = crate::stream::entry_size(&entry.fields);
+        if size > crate::stream::MAX_ENTRY_BYTES {
+            dead.push(DeadLetter::oversized(entry, size));
+            continue;
+        }
+        match decode(entry) {
+            Ok((meta, change)) => {
+                metas.push(meta);
+                changes.push(change);
+            }
+            Err((reason, error)) => dead.push(DeadLetter::new(entry, reason, error)),
+        }
+    }
+    Decoded {
+        metas,
+        changes,
+        dead,
+        entries: entries.len(),
+        started,
+    }
 }
 
 /// True for errors caused by the data of a statement (SQLSTATE classes 22 data exception and
@@ -173,51 +214,50 @@ pub(super) async fn apply(
     })
 }
 
-impl Worker {
-    /// Processes one batch of entries, plus entries already known to be dead letters.
-    pub(super) async fn process(
+/// A batch whose rows are in the database, waiting for its cache write and acknowledgement.
+pub(super) struct Applied {
+    metas: Vec<Meta>,
+    changes: Vec<Change>,
+    outcome: DbOutcome,
+    started: Instant,
+    entries: usize,
+    dead: usize,
+}
+
+/// The second half of every batch: the cache write, then the XACK with the confirmations. It
+/// runs on a task of its own while the next batch is read and upserted, so a batch costs about
+/// the longer of the two halves instead of their sum. One batch at a time finishes, in order,
+/// and each entry is still acknowledged only after its row is stored and cached.
+pub(super) struct Finisher {
+    pub links: Links,
+    pub cache: Cache,
+    pub stream: String,
+    pub group: String,
+    pub ingest_ttl: Duration,
+    pub metrics: IngestMetrics,
+    pub stats: Arc<Stats>,
+}
+
+impl Finisher {
+    pub(super) async fn finish(
         &mut self,
-        entries: Vec<Entry>,
-        mut dead: Vec<DeadLetter>,
+        a: Applied,
         cancel: &CancellationToken,
     ) -> Result<(), Halt> {
-        let started = Instant::now();
-        self.metrics
-            .batch_size
-            .observe((entries.len() + dead.len()) as f64);
-        let mut valid: Vec<Valid> = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            let size = crate::stream::entry_size(&entry.fields);
-            if size > crate::stream::MAX_ENTRY_BYTES {
-                dead.push(DeadLetter::oversized(entry, size));
-                continue;
-            }
-            match decode(entry) {
-                Ok(v) => valid.push(v),
-                Err((reason, error)) => dead.push(DeadLetter::new(entry, reason, error)),
-            }
-        }
-        self.dead_letter(&dead, cancel).await?;
-        if valid.is_empty() {
-            self.metrics
-                .batch_seconds
-                .observe(started.elapsed().as_secs_f64());
-            return Ok(());
-        }
-
-        let changes: Vec<Change> = valid.iter().map(|v| v.change.clone()).collect();
-        let (pool, d) = (&self.pool, self.s.db_deadline);
-        let outcome = self
-            .links
-            .db(cancel, "apply", || apply(pool, &changes, d))
-            .await?;
-
+        let Applied {
+            metas,
+            changes,
+            outcome,
+            started,
+            entries,
+            dead,
+        } = a;
         let jsons: Vec<Option<Vec<u8>>> = outcome
             .to_cache
             .iter()
             .map(|&i| changes[i].widget_json())
             .collect();
-        let ttl = self.s.ingest_ttl;
+        let ttl = self.ingest_ttl;
         let writes: Vec<CacheWrite<'_>> = outcome
             .to_cache
             .iter()
@@ -240,22 +280,19 @@ impl Worker {
                 .await?;
         }
 
-        let acked: Vec<&Valid> = valid
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !outcome.failed.contains(i))
-            .map(|(_, v)| v)
+        let acked: Vec<usize> = (0..metas.len())
+            .filter(|i| !outcome.failed.contains(i))
             .collect();
         if !acked.is_empty() {
-            let ids: Vec<&str> = acked.iter().map(|v| v.id.as_str()).collect();
+            let ids: Vec<&str> = acked.iter().map(|&i| metas[i].id.as_str()).collect();
             let mut confirms = Confirmations::default();
-            for v in &acked {
-                if let Some(row) = v.outbox_row {
-                    let key = durability::confirmed_key(&self.s.stream, &v.change.source);
+            for &i in &acked {
+                if let Some(row) = metas[i].outbox_row {
+                    let key = durability::confirmed_key(&self.stream, &changes[i].source);
                     confirms.add(key, row);
                 }
             }
-            let (stream, group, ids) = (self.s.stream.as_str(), self.s.group.as_str(), &ids);
+            let (stream, group, ids) = (self.stream.as_str(), self.group.as_str(), &ids);
             let confirms = &confirms;
             self.links
                 .redis(cancel, "ack", move |mut conn| async move {
@@ -265,8 +302,8 @@ impl Worker {
         }
 
         let now_us = now_us();
-        for v in &acked {
-            if let Some(lag_us) = lag_sample_us(now_us, v.produced_at_us) {
+        for &i in &acked {
+            if let Some(lag_us) = lag_sample_us(now_us, metas[i].produced_at_us) {
                 self.metrics.lag_seconds.observe(lag_us as f64 / 1e6);
                 self.stats.observe_lag_ms((lag_us / 1000) as u64);
             }
@@ -281,14 +318,130 @@ impl Worker {
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
         tracing::debug!(
-            entries = entries.len(),
+            entries,
             applied = outcome.applied,
             stale = outcome.stale,
-            dead_lettered = dead.len(),
+            dead_lettered = dead,
             refused = outcome.failed.len(),
             "batch done"
         );
         Ok(())
+    }
+}
+
+impl Worker {
+    /// Processes one batch of entries, plus entries already known to be dead letters: decodes,
+    /// dead-letters and upserts it here, then hands it to the finisher once the previous batch
+    /// is finished. Returns when this batch is in the database, not when it is acknowledged;
+    /// [`Worker::settle`] waits for that.
+    pub(super) async fn process(
+        &mut self,
+        entries: Vec<Entry>,
+        dead: Vec<DeadLetter>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Halt> {
+        self.process_decoded(decode_all(entries, dead), cancel)
+            .await
+    }
+
+    pub(super) async fn process_decoded(
+        &mut self,
+        batch: Decoded,
+        cancel: &CancellationToken,
+    ) -> Result<(), Halt> {
+        let Decoded {
+            metas,
+            changes,
+            dead,
+            entries,
+            started,
+        } = batch;
+        self.metrics
+            .batch_size
+            .observe((entries + dead.len()) as f64);
+        self.dead_letter(&dead, cancel).await?;
+        if changes.is_empty() {
+            self.metrics
+                .batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+
+        let (pool, d) = (&self.pool, self.s.db_deadline);
+        // The next batch is read while this one is upserted (its entries are pending for this
+        // consumer from now on, as after any read; a crash leaves them to the reclaim).
+        let read_ahead = self.ahead.is_none() && !cancel.is_cancelled();
+        let (links, reader) = (&mut self.links, &mut self.reader);
+        let (client, s, consumer) = (&self.redis, &self.s, self.consumer.as_str());
+        let (outcome, next) = tokio::join!(
+            links.db(cancel, "apply", || apply(pool, &changes, d)),
+            async {
+                if !read_ahead {
+                    return None;
+                }
+                let r = reader.read(client, s, consumer, Duration::ZERO).await;
+                match r {
+                    Ok(entries) if !entries.is_empty() => Some(decode_all(entries, Vec::new())),
+                    Ok(_) => None,
+                    // The next blocking read meets the same failure and handles it.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "read-ahead failed");
+                        None
+                    }
+                }
+            }
+        );
+        self.ahead = next;
+        let outcome = outcome?;
+        let applied = Applied {
+            metas,
+            changes,
+            outcome,
+            started,
+            entries,
+            dead: dead.len(),
+        };
+        self.settle().await?;
+        let mut finisher = self.finisher.take().unwrap_or_else(|| self.new_finisher());
+        let cancel = cancel.clone();
+        self.finishing = Some(tokio::spawn(async move {
+            let r = finisher.finish(applied, &cancel).await;
+            (finisher, r)
+        }));
+        Ok(())
+    }
+
+    /// Waits until the batch handed to the finisher, if any, is acknowledged or abandoned.
+    pub(super) async fn settle(&mut self) -> Result<(), Halt> {
+        let Some(task) = self.finishing.take() else {
+            return Ok(());
+        };
+        match task.await {
+            Ok((finisher, r)) => {
+                self.finisher = Some(finisher);
+                if r == Err(Halt::GroupLost) {
+                    self.group_ready = false;
+                }
+                r
+            }
+            // The batch stays pending and is reclaimed; the next batch gets a new finisher.
+            Err(e) => {
+                tracing::error!(error = %e, "the task finishing a batch failed; its entries stay pending");
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn new_finisher(&self) -> Finisher {
+        Finisher {
+            links: self.links.sibling(),
+            cache: self.cache.clone(),
+            stream: self.s.stream.clone(),
+            group: self.s.group.clone(),
+            ingest_ttl: self.s.ingest_ttl,
+            metrics: self.metrics.clone(),
+            stats: self.stats.clone(),
+        }
     }
 }
 
@@ -357,11 +510,12 @@ mod tests {
 
     #[test]
     fn decode_builds_the_change() {
-        let v = decode(&entry(&event())).expect("valid");
-        assert_eq!(v.change.widget_key, "deals.top");
-        assert_eq!(v.change.content.as_deref(), Some(r#"{"a":1}"#));
-        assert_eq!(v.change.source, "deals");
-        assert_eq!(v.produced_at_us, 10);
+        let (meta, change) = decode(&entry(&event())).expect("valid");
+        assert_eq!(change.widget_key, "deals.top");
+        assert_eq!(change.content.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(change.source, "deals");
+        assert_eq!(meta.produced_at_us, 10);
+        assert_eq!(meta.id, "1-0");
     }
 
     #[test]

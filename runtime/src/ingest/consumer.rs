@@ -26,7 +26,8 @@ pub fn is_nogroup(e: &redis::RedisError) -> bool {
 }
 
 /// `XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS s >`: new entries for this consumer, or none
-/// when the block time passes.
+/// when the block time passes. A zero `block` does not block at all (Redis's `BLOCK 0` would
+/// wait for ever).
 pub async fn read_new<C: ConnectionLike>(
     conn: &mut C,
     stream: &str,
@@ -35,14 +36,16 @@ pub async fn read_new<C: ConnectionLike>(
     count: usize,
     block: Duration,
 ) -> redis::RedisResult<Vec<Entry>> {
-    let reply: Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
         .arg(group)
         .arg(consumer)
         .arg("COUNT")
-        .arg(count.max(1))
-        .arg("BLOCK")
-        .arg(block.as_millis().max(1) as u64)
+        .arg(count.max(1));
+    if !block.is_zero() {
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+    }
+    let reply: Value = cmd
         .arg("STREAMS")
         .arg(stream)
         .arg(">")

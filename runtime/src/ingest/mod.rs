@@ -225,13 +225,21 @@ impl Ingester {
             pool: self.pool,
             metrics: self.metrics,
             stats: self.stats,
-            blocking: None,
+            redis: self.redis.clone(),
+            reader: Reader {
+                blocking: None,
+                page_count,
+                max_count: page_count,
+                grow_after: Instant::now(),
+            },
             group_ready: false,
             epoch: None,
-            page_count,
-            grow_after: Instant::now(),
+            ahead: None,
+            finisher: None,
+            finishing: None,
         };
         worker.drive(&cancel).await;
+        worker.wind_down(&cancel).await;
         let consumer = worker.consumer.clone();
         drop(worker);
         flusher.await?;
@@ -252,7 +260,7 @@ enum Halt {
 }
 
 /// Connections and the bookkeeping of failed attempts.
-struct Links {
+pub(super) struct Links {
     client: connect::Redis,
     manager: Option<ConnectionManager>,
     readiness: Readiness,
@@ -261,6 +269,18 @@ struct Links {
 }
 
 impl Links {
+    /// Links of their own (a connection and a failure count) to the same stores, for the
+    /// finisher, whose retries must not reset or inflate the reader's backoff.
+    fn sibling(&self) -> Links {
+        Links {
+            client: self.client.clone(),
+            manager: None,
+            readiness: self.readiness.clone(),
+            metrics: self.metrics.clone(),
+            failures: 0,
+        }
+    }
+
     async fn manager(&mut self) -> redis::RedisResult<ConnectionManager> {
         if let Some(m) = &self.manager {
             return Ok(m.clone());
@@ -383,20 +403,92 @@ struct Worker {
     metrics: IngestMetrics,
     stats: Arc<Stats>,
     links: Links,
-    /// The connection of its own for the blocking read.
-    blocking: Option<MultiplexedConnection>,
+    /// The same client as the links', for the reader.
+    redis: connect::Redis,
+    reader: Reader,
     group_ready: bool,
     /// The stream epoch seen last.
     epoch: Option<String>,
+    /// New entries read (and decoded) while the previous batch was being upserted.
+    ahead: Option<batch::Decoded>,
+    /// The finisher while no batch is being finished ([`batch::Finisher`]).
+    finisher: Option<batch::Finisher>,
+    /// The batch being finished meanwhile, on its own task.
+    finishing: Option<tokio::task::JoinHandle<(batch::Finisher, Result<(), Halt>)>>,
+}
+
+/// The reading side: its own connection (a blocking XREADGROUP must not hold up the other
+/// commands) and the page size.
+struct Reader {
+    blocking: Option<MultiplexedConnection>,
     /// Entries asked for per read or claim page: halved while pages time out (a few huge
     /// entries), so the entry at fault is isolated and the rest flow; grows back after.
     page_count: usize,
+    max_count: usize,
     /// No growing before this: right after a timeout, doubling back at once would run into
     /// the same timeout every other page.
     grow_after: Instant,
 }
 
+impl Reader {
+    /// New entries for this consumer, waiting up to `block` for some (not at all when zero).
+    async fn read(
+        &mut self,
+        client: &connect::Redis,
+        s: &IngestSettings,
+        consumer: &str,
+        block: Duration,
+    ) -> redis::RedisResult<Vec<consumer::Entry>> {
+        let conn = match &mut self.blocking {
+            Some(c) => c,
+            None => {
+                let c = client.blocking(s.max_block).await?;
+                self.blocking.insert(c)
+            }
+        };
+        let entries =
+            consumer::read_new(conn, &s.stream, &s.group, consumer, self.page_count, block).await;
+        self.adapt_page(entries.as_ref().map(Vec::len));
+        if entries.is_err() {
+            self.blocking = None;
+        }
+        entries
+    }
+
+    /// Halves the page size after a timed-out read or claim; doubles it back only after a full
+    /// page came back in time, and not within [`PAGE_GROWTH_PAUSE`] of a timeout. (Growing
+    /// after any success let an empty read between two claims of the same huge entries undo
+    /// each halving, so the pages never got small enough.)
+    fn adapt_page(&mut self, outcome: Result<usize, &redis::RedisError>) {
+        match outcome {
+            Ok(n) if n >= self.page_count && Instant::now() >= self.grow_after => {
+                self.page_count = (self.page_count * 2).min(self.max_count)
+            }
+            Ok(_) => {}
+            Err(e) if e.is_timeout() => {
+                self.grow_after = Instant::now() + PAGE_GROWTH_PAUSE;
+                self.page_count = (self.page_count / 2).max(1);
+                tracing::warn!(
+                    count = self.page_count,
+                    "a read or claim page timed out (very large entries?); asking for fewer"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 impl Worker {
+    /// After shutdown began: entries already read ahead are processed and the batch being
+    /// finished is waited for, while the stores answer, so a rolling restart leaves nothing
+    /// pending for a reclaim to find minutes later.
+    async fn wind_down(&mut self, cancel: &CancellationToken) {
+        if let Some(next) = self.ahead.take() {
+            let _ = self.process_decoded(next, cancel).await;
+        }
+        let _ = self.settle().await;
+    }
+
     async fn drive(&mut self, cancel: &CancellationToken) {
         // The first pass runs at once: it takes over what a previous run left pending.
         let mut next_reclaim = Instant::now();
@@ -412,6 +504,10 @@ impl Worker {
             }
             let now = Instant::now();
             if now >= next_reclaim {
+                // Our own batch in flight must not look idle to the claim.
+                if self.settle().await == Err(Halt::Cancelled) {
+                    break;
+                }
                 if self.reclaim_pass(cancel).await == Err(Halt::Cancelled) {
                     break;
                 }
@@ -423,6 +519,12 @@ impl Worker {
             let block = next_reclaim
                 .saturating_duration_since(now)
                 .clamp(Duration::from_millis(1), self.s.max_block);
+            if let Some(next) = self.ahead.take() {
+                if self.process_decoded(next, cancel).await == Err(Halt::Cancelled) {
+                    break;
+                }
+                continue;
+            }
             let read = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = self.read(block) => r,
@@ -440,7 +542,7 @@ impl Worker {
                     self.group_ready = false;
                 }
                 Err(e) => {
-                    self.blocking = None;
+                    self.reader.blocking = None;
                     self.links.redis_failed(&e, "read");
                     if !self.links.pause(cancel).await {
                         break;
@@ -485,48 +587,12 @@ impl Worker {
     }
 
     async fn read(&mut self, block: Duration) -> redis::RedisResult<Vec<consumer::Entry>> {
-        let conn = match &mut self.blocking {
-            Some(c) => c,
-            None => {
-                let c = self.links.client.blocking(self.s.max_block).await?;
-                self.blocking.insert(c)
-            }
-        };
-        let entries = consumer::read_new(
-            conn,
-            &self.s.stream,
-            &self.s.group,
-            &self.consumer,
-            self.page_count,
-            block,
-        )
-        .await;
-        self.adapt_page(entries.as_ref().map(Vec::len));
-        let entries = entries?;
+        let entries = self
+            .reader
+            .read(&self.redis, &self.s, &self.consumer, block)
+            .await?;
         self.links.redis_ok();
         Ok(entries)
-    }
-
-    /// Halves the page size after a timed-out read or claim; doubles it back only after a full
-    /// page came back in time, and not within [`PAGE_GROWTH_PAUSE`] of a timeout. (Growing
-    /// after any success let an empty read between two claims of the same huge entries undo
-    /// each halving, so the pages never got small enough.)
-    fn adapt_page(&mut self, outcome: Result<usize, &redis::RedisError>) {
-        match outcome {
-            Ok(n) if n >= self.page_count && Instant::now() >= self.grow_after => {
-                self.page_count = (self.page_count * 2).min(self.s.batch_size)
-            }
-            Ok(_) => {}
-            Err(e) if e.is_timeout() => {
-                self.grow_after = Instant::now() + PAGE_GROWTH_PAUSE;
-                self.page_count = (self.page_count / 2).max(1);
-                tracing::warn!(
-                    count = self.page_count,
-                    "a read or claim page timed out (very large entries?); asking for fewer"
-                );
-            }
-            Err(_) => {}
-        }
     }
 
     /// Moves entries to the dead-letter stream and counts those this call moved.

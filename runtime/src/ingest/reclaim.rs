@@ -143,11 +143,12 @@ impl Worker {
                     &self.consumer,
                     min_idle_ms,
                     &cursor,
-                    self.page_count,
+                    self.reader.page_count,
                 )
                 .await
             };
-            self.adapt_page(page.as_ref().map(|p| p.claimed.len() + p.deleted.len()));
+            self.reader
+                .adapt_page(page.as_ref().map(|p| p.claimed.len() + p.deleted.len()));
             let page = match page {
                 Ok(p) => p,
                 Err(e) if consumer::is_nogroup(&e) => {
