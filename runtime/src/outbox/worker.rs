@@ -63,6 +63,8 @@ pub struct WorkerSettings {
     pub confirm_interval: Duration,
     /// Client-side deadline of every database statement (`database.statementTimeout`).
     pub db_deadline: Duration,
+    /// Ignore the lag `XINFO GROUPS` reports, as if Redis were older than 7.0 (tests).
+    pub ignore_lag: bool,
 }
 
 impl WorkerSettings {
@@ -83,6 +85,7 @@ impl WorkerSettings {
             confirmed_key: config.confirmed_key(source),
             confirm_interval: Duration::from_millis(250),
             db_deadline: config.database.statement_timeout,
+            ignore_lag: false,
         })
     }
 
@@ -737,12 +740,16 @@ impl OutboxWorker {
             // No group yet (the ingester has not started): everything in the stream is unread.
             return Ok(len);
         };
-        let unread = match group.lag {
-            Some(lag) => lag + group.pending,
-            // Lag is unknown after some deletions: assume the worst consistent figure.
-            None => len,
+        let lag = group.lag.filter(|_| !s.ignore_lag);
+        let (mut unread, trim_above) = match lag {
+            Some(lag) => (lag + group.pending, s.max_length),
+            // Redis before 7.0 (and Valkey releases built on it) report no lag, nor does 7.x
+            // for a while after some deletions. The stream length is then the only bound, so
+            // consumed history must go as soon as relaying would pause, not only above
+            // maxLength: a stream at the pause threshold would otherwise stay there for ever.
+            None => (len, s.backpressure_limit().saturating_sub(1)),
         };
-        if len > s.max_length {
+        if len > trim_above {
             let oldest_pending: Option<String> = if group.pending > 0 {
                 let reply: redis::Value = redis::cmd("XPENDING")
                     .arg(&s.stream)
@@ -755,14 +762,18 @@ impl OutboxWorker {
             };
             let keep_from = oldest_pending.unwrap_or(group.last_delivered_id);
             if keep_from != "0-0" {
-                let trimmed: u64 = redis::cmd("XTRIM")
-                    .arg(&s.stream)
-                    .arg("MINID")
-                    .arg("~")
-                    .arg(&keep_from)
-                    .query_async(redis)
-                    .await?;
+                let mut trim = redis::cmd("XTRIM");
+                trim.arg(&s.stream).arg("MINID");
+                // Exact without a lag: what is left is then what the group has not finished
+                // (plus the last delivered entry), the figure the pause needs.
+                if lag.is_some() {
+                    trim.arg("~");
+                }
+                let trimmed: u64 = trim.arg(&keep_from).query_async(redis).await?;
                 tracing::debug!(trimmed, keep_from, "trimmed consumed stream history");
+                if lag.is_none() {
+                    unread = len.saturating_sub(trimmed);
+                }
             }
         }
         Ok(unread)
@@ -1366,6 +1377,22 @@ mod tests {
             (None, 3, "5-0")
         );
         assert!(find_group(&resp2, "other").is_none());
+        // Redis 6.2 has no `lag` (nor `entries-read`) at all.
+        let redis62 = Array(vec![Array(vec![
+            BulkString(b"name".to_vec()),
+            BulkString(b"g".to_vec()),
+            BulkString(b"consumers".to_vec()),
+            Int(1),
+            BulkString(b"pending".to_vec()),
+            Int(0),
+            BulkString(b"last-delivered-id".to_vec()),
+            BulkString(b"9-1".to_vec()),
+        ])]);
+        let g = find_group(&redis62, "g").expect("found");
+        assert_eq!(
+            (g.lag, g.pending, g.last_delivered_id.as_str()),
+            (None, 0, "9-1")
+        );
         let resp3 = Array(vec![Map(vec![
             (SimpleString("name".into()), BulkString(b"g".to_vec())),
             (SimpleString("lag".into()), Int(7)),
