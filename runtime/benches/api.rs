@@ -15,6 +15,9 @@
 //!   Redis (one MGET, bytes spliced into the body);
 //! - baseline: a static axum handler returning the same body bytes (HTTP stack alone);
 //! - baseline: `redis-benchmark` doing the same MGET (Redis alone, no HTTP);
+//! - diagnostic: the static handler behind core-api's own HTTP server (limits and deadlines),
+//!   and the same MGET through redis-rs as core-api sends it (no HTTP): where the gap to the
+//!   baselines goes;
 //! - (20 only) core-api, every widget a cache miss: the same 20 widgets as a personalised screen
 //!   (`deals.w-N:{user}`), each request for a random one of 2000 users, on a second API whose
 //!   `fallbackTtl` is 1 ms, so a back-fill is gone long before the same user comes round again.
@@ -368,6 +371,50 @@ fn redis_benchmark(port: u16, keys: &[String], requests: u64, conns: usize) -> R
     }
 }
 
+/// The same MGET from this process through redis-rs, as core-api sends it (multiplexed
+/// connections, one per core up to 4, taken in turn; `conns` tasks each waiting for its reply
+/// before the next), with no HTTP: what the client library costs beside `redis-benchmark`.
+async fn redis_rs_mget(url: &str, keys: &[String], secs: u64, conns: usize) -> Row {
+    let client = connect::Redis::open(url, &Default::default()).expect("redis url");
+    let lanes = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4));
+    let mut managers = Vec::new();
+    for _ in 0..lanes {
+        managers.push(client.manager().await.expect("redis"));
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let tasks: Vec<_> = (0..conns)
+        .map(|i| {
+            let (mut conn, keys) = (managers[i % lanes].clone(), keys.to_vec());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while std::time::Instant::now() < until {
+                    let t = std::time::Instant::now();
+                    let v: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                        .arg(&keys)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("mget");
+                    assert_eq!(v.len(), keys.len());
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("mget task"));
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Row {
+        name: format!("diagnostic: redis-rs MGET of the {} keys", keys.len()),
+        rps: lat.len() as f64 / secs as f64,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    }
+}
+
 async fn start_api(
     config: &Config,
     redis_url: &str,
@@ -498,6 +545,7 @@ async fn run(secs: u64, conns: usize) {
             "the hit path serves from the cache: {headers}"
         );
         let static_addr = serve_static(body.clone(), &cancel).await;
+        let hardened_addr = serve_static_hardened(body.clone(), &cancel).await;
         let keys: Vec<String> = changes[..n]
             .iter()
             .map(|c| cache.key(&c.widget_key))
@@ -505,6 +553,8 @@ async fn run(secs: u64, conns: usize) {
         let l1_url = Target::Fixed(format!("http://{with_l1}/v1/screens/home"));
         let plain_url = Target::Fixed(format!("http://{without}/v1/screens/home"));
         let static_url = Target::Fixed(format!("http://{static_addr}/v1/screens/home"));
+        let hardened_url = Target::Fixed(format!("http://{hardened_addr}/v1/screens/home"));
+        let mget_keys = keys.clone();
         let port = redis.port();
         let (secs_c, conns_c) = (secs, conns);
         // Screens the in-process cache served whole, and widgets it served one by one.
@@ -585,11 +635,18 @@ async fn run(secs: u64, conns: usize) {
                     conns_c,
                 ),
                 redis_benchmark(port, &keys, 100_000, conns_c),
+                generator.run(
+                    "diagnostic: static handler, core-api's HTTP server",
+                    &hardened_url,
+                    secs_c,
+                    conns_c,
+                ),
             ]
         })
         .await
         .expect("load generator");
         rows.extend(measured);
+        rows.push(redis_rs_mget(&redis.url(), &mget_keys, secs, conns).await);
         print_table(
             &format!("screen of {n} widgets (body {} B)", body.len()),
             &rows,
@@ -642,6 +699,28 @@ fn print_table(title: &str, rows: &[Row]) {
             r.rps / mget_rps
         );
     }
+}
+
+/// The static handler behind core-api's own HTTP server (its connection and request limits,
+/// header, request and write deadlines): what the hardening costs per request.
+async fn serve_static_hardened(body: Vec<u8>, cancel: &CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let body = bytes::Bytes::from(body);
+    let app = Router::new().route(
+        "/v1/screens/home",
+        get(move || {
+            let b = body.clone();
+            async move { ([("content-type", "application/json")], b) }
+        }),
+    );
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        widget_runtime::server::serve(listener, app, &Default::default(), c).await
+    });
+    addr
 }
 
 async fn serve_static(body: Vec<u8>, cancel: &CancellationToken) -> String {

@@ -130,12 +130,12 @@ pub struct Shared {
     screens: HashMap<String, ScreenKeys>,
     cache: Cache,
     redis: connect::Redis,
-    conn: ConnSlot,
+    /// The shared connections requests read through, in turn.
+    lanes: Vec<Lane>,
+    next_lane: std::sync::atomic::AtomicUsize,
     /// The prober's own connection: a PING queued behind a large reply on the shared one
     /// would make a slow reply look like a dead Redis.
     probe_conn: ConnSlot,
-    /// Whether the shared connection still delivers replies (late ones count).
-    liveness: Liveness,
     pool: PgPool,
     pub redis_breaker: Breaker,
     pub db_breaker: Breaker,
@@ -150,9 +150,16 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The shared Redis connection, opened on first use (so the API starts while Redis is down).
+    /// A shared Redis connection, opened on first use (so the API starts while Redis is down).
     async fn redis_conn(&self) -> redis::RedisResult<ConnectionManager> {
-        self.conn.get(&self.redis).await
+        self.lanes[0].conn.get(&self.redis).await
+    }
+
+    fn lane(&self) -> &Lane {
+        let i = self
+            .next_lane
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.lanes[i % self.lanes.len()]
     }
 
     /// Runs one Redis call under the request timeout and feeds the outcome to the breaker.
@@ -168,17 +175,20 @@ impl Shared {
         Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let conn = match tokio::time::timeout(self.settings.redis_timeout, self.redis_conn()).await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(self.redis_failed(e.to_string())),
-            Err(_) => return Err(self.redis_failed("connecting timed out".into())),
-        };
+        let lane = self.lane();
+        let conn =
+            match tokio::time::timeout(self.settings.redis_timeout, lane.conn.get(&self.redis))
+                .await
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(self.redis_failed(e.to_string())),
+                Err(_) => return Err(self.redis_failed("connecting timed out".into())),
+            };
         let mut attempt = Box::pin(call(conn));
         let error = tokio::select! {
             r = &mut attempt => match r {
                 Ok(v) => {
-                    self.liveness.replied();
+                    lane.liveness.replied();
                     self.redis_breaker.record_success();
                     return Ok(v);
                 }
@@ -186,11 +196,11 @@ impl Shared {
             },
             _ = tokio::time::sleep(self.settings.redis_timeout) => {
                 self.metrics.store_error("redis");
-                self.liveness.timed_out();
-                let shared = self.clone();
+                lane.liveness.timed_out();
+                let lane = lane.liveness.clone();
                 tokio::spawn(async move {
                     if attempt.await.is_ok() {
-                        shared.liveness.replied();
+                        lane.replied();
                     }
                 });
                 return Err(format!("no answer within {:?}", self.settings.redis_timeout));
@@ -283,12 +293,21 @@ impl Shared {
             self.probe_conn.reset();
             return outcome;
         }
-        // Redis answers; the shared connection may still be dead (half-open after a
-        // failover): timed-out calls and not a single reply since.
-        if self.liveness.silent_for() >= SHARED_DEAD_AFTER {
-            self.conn.reset();
-            self.liveness.replied();
-            return Err("the shared connection stopped answering; replaced".into());
+        // Redis answers; a shared connection may still be dead (half-open after a failover):
+        // timed-out calls and not a single reply since.
+        let mut replaced = 0;
+        for lane in &self.lanes {
+            if lane.liveness.silent_for() >= SHARED_DEAD_AFTER {
+                lane.conn.reset();
+                lane.liveness.replied();
+                replaced += 1;
+            }
+        }
+        if replaced > 0 {
+            return Err(format!(
+                "{replaced} of {} shared connections stopped answering; replaced",
+                self.lanes.len()
+            ));
         }
         Ok(())
     }
@@ -318,6 +337,19 @@ impl Shared {
 
 /// A shared connection with timed-out calls and no reply for this long is replaced.
 const SHARED_DEAD_AFTER: Duration = Duration::from_secs(2);
+
+/// Shared connections per process: one multiplexed connection decodes every reply on one task,
+/// which caps a busy API's reads at one core; one per core (at most 4) spreads them.
+fn lane_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
+}
+
+/// A shared connection and whether it still delivers replies (late ones count).
+#[derive(Default)]
+struct Lane {
+    conn: ConnSlot,
+    liveness: Arc<Liveness>,
+}
 
 /// A Redis connection opened on first use and replaced when found dead.
 #[derive(Default)]
@@ -440,9 +472,9 @@ impl ApiState {
             personal,
             screens,
             redis: redis.into(),
-            conn: ConnSlot::default(),
+            lanes: (0..lane_count()).map(|_| Lane::default()).collect(),
+            next_lane: Default::default(),
             probe_conn: ConnSlot::default(),
-            liveness: Liveness::default(),
             pool,
             flights: fetch::Flights::default(),
             metrics,
