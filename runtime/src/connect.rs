@@ -17,11 +17,15 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use crate::config::{DatabaseConfig, RedisConfig};
 
 /// A Redis endpoint with the deadlines of [`RedisConfig`]: every connection made through it
-/// has them (the connection manager, blocking reads, one-off connections).
+/// has them (the connection manager, blocking reads, one-off connections). A `rediss://` URL
+/// connects over TLS, verifying the server against the system trust store, or against the CA
+/// bundle given to [`Redis::open_tls`] (`REDIS_CA_FILE`) instead.
 #[derive(Clone)]
 pub struct Redis {
     client: Client,
     settings: RedisConfig,
+    /// The CA bundle (PEM) servers are verified against instead of the system's.
+    ca: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -35,11 +39,68 @@ impl std::fmt::Debug for Redis {
 
 impl Redis {
     pub fn open(url: &str, settings: &RedisConfig) -> redis::RedisResult<Redis> {
+        Self::open_tls(url, settings, None)
+    }
+
+    /// Like [`Redis::open`]; a `rediss://` server is verified against `ca_pem` (one or more
+    /// PEM certificates) instead of the system trust store.
+    pub fn open_tls(
+        url: &str,
+        settings: &RedisConfig,
+        ca_pem: Option<Vec<u8>>,
+    ) -> redis::RedisResult<Redis> {
         let info = url.into_connection_info()?;
+        let ca = ca_pem.map(std::sync::Arc::new);
         Ok(Redis {
-            client: Client::open(info.set_tcp_settings(tcp_settings(settings)))?,
+            client: client_for(info.set_tcp_settings(tcp_settings(settings)), ca.as_deref())?,
             settings: settings.clone(),
+            ca,
         })
+    }
+
+    /// True for a `rediss://` endpoint.
+    pub fn is_tls(&self) -> bool {
+        matches!(
+            self.client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls { .. }
+        )
+    }
+
+    /// Connects once and says why it cannot when the reason is the configuration, which no
+    /// retry will fix: the server's TLS certificate not trusted, a plain server behind a
+    /// `rediss://` URL, or refused credentials. An unreachable server is not an error here:
+    /// components start before their Redis and wait for it.
+    pub async fn check(&self) -> Result<(), String> {
+        match self.connection().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let text = e.to_string();
+                let lower = text.to_ascii_lowercase();
+                let tls = ["certificate", "tls", "handshake", "unknownissuer", "peer"]
+                    .iter()
+                    .any(|w| lower.contains(w));
+                if tls && self.is_tls() {
+                    let trust = if self.ca.is_some() {
+                        "the CA bundle in REDIS_CA_FILE (or REDIS_CA_PEM)"
+                    } else {
+                        "the system trust store (set REDIS_CA_FILE to a CA bundle to use instead)"
+                    };
+                    Err(format!(
+                        "Redis TLS handshake failed: the server's certificate is not trusted by {trust}, \
+                         or the server does not speak TLS: {text}"
+                    ))
+                } else if e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || lower.contains("wrongpass")
+                    || lower.contains("noauth")
+                {
+                    Err(format!(
+                        "Redis refused the credentials in REDIS_URL: {text}"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
     }
 
     /// A reconnecting multiplexed connection for ordinary commands. Each command that meets a
@@ -77,7 +138,7 @@ impl Redis {
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = Client::open(info.set_redis_settings(resp3))?;
+        let client = client_for(info.set_redis_settings(resp3), self.ca.as_deref())?;
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
             .set_response_timeout(Some(self.settings.response_timeout))
@@ -97,6 +158,38 @@ impl Redis {
     }
 }
 
+/// The file whose CA bundle (PEM) `rediss://` servers are verified against, instead of the
+/// system trust store (a managed Redis with a private CA).
+pub const REDIS_CA_FILE_ENV: &str = "REDIS_CA_FILE";
+/// The same CA bundle as text, as the operator passes it from a Secret key.
+pub const REDIS_CA_PEM_ENV: &str = "REDIS_CA_PEM";
+
+/// The Redis endpoint of a component: `url` (`REDIS_URL`), the CA bundle of `REDIS_CA_PEM` or
+/// of the file `REDIS_CA_FILE` names, if set, checked once ([`Redis::check`]) so a
+/// configuration that can never connect fails start-up with a clear message instead of
+/// retrying for ever.
+pub async fn redis_from_env(url: &str, settings: &RedisConfig) -> anyhow::Result<Redis> {
+    use anyhow::Context;
+    let pem = std::env::var(REDIS_CA_PEM_ENV)
+        .ok()
+        .filter(|p| !p.is_empty());
+    let ca = match (pem, std::env::var_os(REDIS_CA_FILE_ENV)) {
+        (Some(pem), _) => Some(pem.into_bytes()),
+        (None, Some(path)) if !path.is_empty() => {
+            Some(std::fs::read(&path).with_context(|| {
+                format!(
+                    "cannot read REDIS_CA_FILE {}",
+                    std::path::Path::new(&path).display()
+                )
+            })?)
+        }
+        _ => None,
+    };
+    let redis = Redis::open_tls(url, settings, ca).context("invalid REDIS_URL")?;
+    redis.check().await.map_err(anyhow::Error::msg)?;
+    Ok(redis)
+}
+
 /// A client opened elsewhere (tests, benchmarks) gets the default deadlines.
 impl From<Client> for Redis {
     fn from(client: Client) -> Redis {
@@ -108,7 +201,23 @@ impl From<Client> for Redis {
         Redis {
             client: Client::open(info).unwrap_or(client),
             settings,
+            ca: None,
         }
+    }
+}
+
+fn client_for(info: redis::ConnectionInfo, ca: Option<&Vec<u8>>) -> redis::RedisResult<Client> {
+    match ca {
+        Some(pem) if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) => {
+            Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )
+        }
+        _ => Client::open(info),
     }
 }
 

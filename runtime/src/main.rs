@@ -282,8 +282,7 @@ async fn main() -> anyhow::Result<()> {
         Command::OutboxWorker(args) => {
             let config = load_config(&args.common.config)?;
             let settings = outbox::worker::WorkerSettings::from_config(&config, &args.source)?;
-            let redis = connect::Redis::open(&args.redis_url, &config.redis)
-                .context("invalid REDIS_URL")?;
+            let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
             let pool = connect::pg_pool(&args.source_database_url, 4, &config.database)
                 .context("invalid SOURCE_DATABASE_URL")?;
             let listener = bind(args.common.admin_listen).await?;
@@ -304,8 +303,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Ingester(args) => {
             let config = load_config(&args.common.config)?;
-            let redis = connect::Redis::open(&args.redis_url, &config.redis)
-                .context("invalid REDIS_URL")?;
+            let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
             let pool = connect::pg_pool(&args.core_database_url, 8, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
             let consumer = match args.consumer {
@@ -338,8 +336,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CoreApi(args) => {
             let config = load_config(&args.config)?;
-            let redis = connect::Redis::open(&args.redis_url, &config.redis)
-                .context("invalid REDIS_URL")?;
+            let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
             let pool = connect::pg_pool(&args.core_database_url, 16, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
             let listener = bind(args.listen).await?;
@@ -372,8 +369,8 @@ async fn main() -> anyhow::Result<()> {
                         .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                 }),
             };
-            let mut redis = connect::Redis::open(&args.redis_url, &config.redis)
-                .context("invalid REDIS_URL")?
+            let mut redis = connect::redis_from_env(&args.redis_url, &config.redis)
+                .await?
                 .connection()
                 .await
                 .context("cannot connect to Redis")?;
@@ -460,8 +457,8 @@ async fn main() -> anyhow::Result<()> {
             let cache = widget_runtime::cache::Cache::new(config.key_prefix());
             let pool = connect::pg_pool(&args.core_database_url, 1, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
-            let mut redis = connect::Redis::open(&args.redis_url, &config.redis)
-                .context("invalid REDIS_URL")?
+            let mut redis = connect::redis_from_env(&args.redis_url, &config.redis)
+                .await?
                 .connection()
                 .await
                 .context("cannot connect to Redis")?;

@@ -515,11 +515,93 @@ pub struct RedisServer {
     args: Vec<String>,
     /// Port of the master on 127.0.0.1 while this server is a replica.
     master_port: Option<u16>,
+    /// The CA that signed the server's certificate, when it speaks only TLS.
+    tls_ca: Option<String>,
+}
+
+/// A certificate authority made for one test: its certificate as PEM, and leaf certificates
+/// signed by it.
+pub struct TestCa {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Result<TestCa> {
+        let tls = |e: rcgen::Error| Error::Io(format!("generate certificate: {e}"));
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().map_err(tls)?;
+        let pem = params.self_signed(&key).map_err(tls)?.pem();
+        Ok(TestCa { params, key, pem })
+    }
+
+    /// The CA certificate (PEM), what a client trusts.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1 and its key, both PEM.
+    pub fn server_cert(&self) -> Result<(String, String)> {
+        let tls = |e: rcgen::Error| Error::Io(format!("generate certificate: {e}"));
+        let params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .map_err(tls)?;
+        let key = rcgen::KeyPair::generate().map_err(tls)?;
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).map_err(tls)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
 }
 
 impl RedisServer {
     pub async fn start() -> Result<Self> {
         Self::start_with(&[]).await
+    }
+
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 signed by a CA made for
+    /// it ([`RedisServer::tls_ca_pem`]); clients are not asked for certificates. [`url`] is
+    /// then a `rediss://` URL.
+    pub async fn start_tls() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-redis-")
+            .tempdir()
+            .map_err(io("create temp dir"))?;
+        let ca = TestCa::new("testkit Redis CA")?;
+        let (cert, key) = ca.server_cert()?;
+        let write = |name: &str, text: &str| -> Result<String> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).map_err(io("write certificate"))?;
+            Ok(path.display().to_string())
+        };
+        let (ca_file, cert_file, key_file) = (
+            write("ca.pem", ca.pem())?,
+            write("server.pem", &cert)?,
+            write("server.key", &key)?,
+        );
+        let args = vec![
+            "--tls-cert-file".into(),
+            cert_file,
+            "--tls-key-file".into(),
+            key_file,
+            "--tls-ca-cert-file".into(),
+            ca_file,
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        Self::launch_in(dir, args, None, Some(ca.pem().to_string())).await
+    }
+
+    /// The PEM of the CA that signed a [`RedisServer::start_tls`] server's certificate.
+    pub fn tls_ca_pem(&self) -> Option<&str> {
+        self.tls_ca.as_deref()
     }
 
     /// Like [`RedisServer::start`], with `args` appended to the `redis-server` command line on
@@ -540,16 +622,25 @@ impl RedisServer {
     }
 
     async fn launch(args: Vec<String>, master_port: Option<u16>) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-redis-")
+            .tempdir()
+            .map_err(io("create temp dir"))?;
+        Self::launch_in(dir, args, master_port, None).await
+    }
+
+    async fn launch_in(
+        dir: tempfile::TempDir,
+        args: Vec<String>,
+        master_port: Option<u16>,
+        tls_ca: Option<String>,
+    ) -> Result<Self> {
         let binary = which("redis-server")
             .or_else(|| Some(PathBuf::from("/usr/bin/redis-server")).filter(|p| p.is_file()))
             .ok_or(Error::Missing {
                 binary: "redis-server",
                 install: "apt-get update && apt-get install -y redis-server",
             })?;
-        let dir = tempfile::Builder::new()
-            .prefix("testkit-redis-")
-            .tempdir()
-            .map_err(io("create temp dir"))?;
         start_on_free_port(RedisServer {
             binary,
             dir,
@@ -557,6 +648,7 @@ impl RedisServer {
             child: None,
             args,
             master_port,
+            tls_ca,
         })
         .await
     }
@@ -566,13 +658,27 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match self.tls_ca {
+            Some(_) => format!("rediss://127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
-    /// A plain multiplexed connection for test assertions.
+    /// A plain multiplexed connection for test assertions (over TLS, trusting the server's CA,
+    /// for a [`RedisServer::start_tls`] server).
     pub async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
-        let client =
-            redis::Client::open(self.url()).map_err(|e| Error::Io(format!("redis url: {e}")))?;
+        let url_error = |e: redis::RedisError| Error::Io(format!("redis url: {e}"));
+        let client = match &self.tls_ca {
+            None => redis::Client::open(self.url()).map_err(url_error)?,
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone().into_bytes()),
+                },
+            )
+            .map_err(url_error)?,
+        };
         client
             .get_multiplexed_async_connection()
             .await
@@ -592,7 +698,12 @@ impl RedisServer {
             return Ok(());
         }
         let mut cmd = guarded(&self.binary, None)?;
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        match self.tls_ca {
+            Some(_) => cmd.args(["--port", "0", "--tls-port", &port]),
+            None => cmd.args(["--port", &port]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--dir", &self.dir.path().display().to_string()])
             .args(["--logfile", &self.log_path().display().to_string()])
             // RDB is written only by a graceful shutdown (SIGTERM saves when a save point is set).
