@@ -71,8 +71,9 @@ pub struct WidgetPipelineSpec {
     /// Container image of widget-runtime (all three components run from it).
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
-    /// Where the Redis URL comes from.
-    pub redis: Connection,
+    /// Where the Redis URL comes from (`rediss://` for TLS), and the CA its certificate is
+    /// verified against when that is not a public one.
+    pub redis: RedisConnection,
     /// Where the core Postgres URL comes from.
     pub core_database: Connection,
     #[serde(default)]
@@ -114,6 +115,17 @@ pub struct WidgetPipelineSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Connection {
     pub url_secret_ref: SecretKeyRef,
+}
+
+/// The pipeline's Redis: its URL, and for a `rediss://` server whose certificate a private CA
+/// signed (most managed services), that CA bundle (PEM). Without it the system trust store is
+/// used. Every component and the operator's own probe verify the server with it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisConnection {
+    pub url_secret_ref: SecretKeyRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// One key of a Secret in the pipeline's namespace.
@@ -626,6 +638,7 @@ impl WidgetPipeline {
             &self.spec.redis.url_secret_ref,
             &self.spec.core_database.url_secret_ref,
         ];
+        refs.extend(&self.spec.redis.ca_secret_ref);
         refs.extend(self.spec.sources.iter().map(|s| &s.database.url_secret_ref));
         refs.extend(
             self.spec

@@ -272,6 +272,7 @@ where
 struct SecretReadings {
     versions: SecretVersions,
     redis_url: Option<String>,
+    redis_ca: Option<Vec<u8>>,
 }
 
 /// Reads the referenced Secrets: resource versions for the pod hashes, the Redis URL for the
@@ -320,6 +321,13 @@ async fn read_secrets(
     let redis = &wp.spec.redis.url_secret_ref;
     let redis_url =
         value(&redis.name, &redis.key).and_then(|b| String::from_utf8(b.0.clone()).ok());
+    let redis_ca = wp
+        .spec
+        .redis
+        .ca_secret_ref
+        .as_ref()
+        .and_then(|r| value(&r.name, &r.key))
+        .map(|b| b.0.clone());
     let versions = found
         .iter()
         .map(|(name, s)| (name.to_string(), s.resource_version().unwrap_or_default()))
@@ -327,6 +335,7 @@ async fn read_secrets(
     Ok(SecretReadings {
         versions,
         redis_url,
+        redis_ca,
     })
 }
 
@@ -373,7 +382,7 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
     let rendered = render::render(wp, &secrets.versions)?;
     // One connection for the claim and the probe.
     let mut redis = match &secrets.redis_url {
-        Some(url) => Some(probe::connect(url).await),
+        Some(url) => Some(probe::connect(url, secrets.redis_ca.as_deref()).await),
         None => None,
     };
     let names = match &mut redis {

@@ -54,9 +54,22 @@ fn time_ms(ms: i64) -> Option<Time> {
     Timestamp::from_millisecond(ms).ok().map(Time)
 }
 
-/// A connection to the Redis at `url` with the probe's deadlines.
-pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, ProbeError> {
-    let client = redis::Client::open(url)?;
+/// A connection to the Redis at `url` with the probe's deadlines; a `rediss://` server is
+/// verified against `ca_pem` when given, else against the system trust store.
+pub async fn connect(
+    url: &str,
+    ca_pem: Option<&[u8]>,
+) -> Result<redis::aio::MultiplexedConnection, ProbeError> {
+    let client = match ca_pem {
+        Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        )?,
+        _ => redis::Client::open(url)?,
+    };
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(PROBE_TIMEOUT))
         .set_response_timeout(Some(PROBE_TIMEOUT));
@@ -67,7 +80,7 @@ pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection, Pro
 
 /// Reads the figures for `config`'s pipeline from the Redis at `url`.
 pub async fn probe(url: &str, config: &Config) -> Result<LiveStatus, ProbeError> {
-    read(&mut connect(url).await?, config).await
+    read(&mut connect(url, None).await?, config).await
 }
 
 /// Reads the figures for `config`'s pipeline on an open connection.

@@ -560,6 +560,14 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
 
     let redis = &spec.redis.url_secret_ref;
     let core_db = &spec.core_database.url_secret_ref;
+    // Every component verifies the Redis server with the same CA, whichever user it logs in as.
+    let redis_ca = spec.redis.ca_secret_ref.as_ref();
+    let with_ca = |env: &mut Vec<EnvVar>, secrets: &mut Vec<SecretKeyRef>| {
+        if let Some(ca) = redis_ca {
+            env.push(secret_env(widget_runtime::connect::REDIS_CA_PEM_ENV, ca));
+            secrets.push(ca.clone());
+        }
+    };
     let admin = vec![
         "--admin-listen".to_string(),
         format!("0.0.0.0:{ADMIN_PORT}"),
@@ -571,6 +579,12 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
         let redis = source.redis.as_ref().map_or(redis, |c| &c.url_secret_ref);
         let mut args = vec!["--source".to_string(), source.name.clone()];
         args.extend(admin.clone());
+        let mut env = vec![
+            secret_env("REDIS_URL", redis),
+            secret_env("SOURCE_DATABASE_URL", db),
+        ];
+        let mut refs = vec![redis.clone(), db.clone()];
+        with_ca(&mut env, &mut refs);
         deployments.push(deployment(
             &ctx,
             worker_name(&name, &source.name),
@@ -578,12 +592,9 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
                 component: COMPONENT_WORKER,
                 source: Some(source.name.clone()),
                 args,
-                env: vec![
-                    secret_env("REDIS_URL", redis),
-                    secret_env("SOURCE_DATABASE_URL", db),
-                ],
+                env,
                 ports: vec![("admin", ADMIN_PORT)],
-                secrets: vec![redis.clone(), db.clone()],
+                secrets: refs,
                 replicas: source.replicas,
                 resources: source.resources.clone(),
             },
@@ -609,6 +620,14 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
         .map_or(redis, |c| &c.url_secret_ref);
     let mut args = vec!["--consumer".to_string(), "$(POD_NAME)".into()];
     args.extend(admin.clone());
+    // POD_NAME first: `$(POD_NAME)` expands only variables defined before use.
+    let mut env = vec![
+        pod_name,
+        secret_env("REDIS_URL", ingester_redis),
+        secret_env("CORE_DATABASE_URL", core_db),
+    ];
+    let mut refs = vec![ingester_redis.clone(), core_db.clone()];
+    with_ca(&mut env, &mut refs);
     deployments.push(deployment(
         &ctx,
         ingester_name(&name),
@@ -616,14 +635,9 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
             component: COMPONENT_INGESTER,
             source: None,
             args,
-            // POD_NAME first: `$(POD_NAME)` expands only variables defined before use.
-            env: vec![
-                pod_name,
-                secret_env("REDIS_URL", ingester_redis),
-                secret_env("CORE_DATABASE_URL", core_db),
-            ],
+            env,
             ports: vec![("admin", ADMIN_PORT)],
-            secrets: vec![ingester_redis.clone(), core_db.clone()],
+            secrets: refs,
             replicas: spec.ingester.replicas,
             resources: spec.ingester.resources.clone(),
         },
@@ -640,6 +654,7 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
         secret_env("CORE_DATABASE_URL", core_db),
     ];
     let mut api_secrets = vec![api_redis.clone(), core_db.clone()];
+    with_ca(&mut api_env, &mut api_secrets);
     if let Some(keys) = spec
         .core_api
         .identity

@@ -360,3 +360,23 @@ async fn a_capped_source_is_retention_exceeded() {
     );
     assert!(message.contains("loyalty"), "{message}");
 }
+
+#[tokio::test]
+async fn the_probe_reads_a_tls_redis_with_its_ca_and_refuses_an_untrusted_one() {
+    let redis = RedisServer::start_tls().await.expect("TLS redis starts");
+    let url = redis.url();
+    let ca = redis.tls_ca_pem().expect("CA").as_bytes().to_vec();
+    let mut con = probe::connect(&url, Some(&ca))
+        .await
+        .expect("connects with the CA");
+    let live = probe::read(&mut con, &config()).await.expect("reads");
+    assert_eq!(live.stream_length, 0, "no stream yet");
+    let err = probe::connect(&url, None)
+        .await
+        .expect_err("a private CA is not in the system trust store");
+    assert!(
+        err.detail.to_lowercase().contains("certificate"),
+        "says why: {}",
+        err.detail
+    );
+}

@@ -695,3 +695,34 @@ fn specs_the_runtime_would_refuse_are_invalid() {
         Err(Error::InvalidObject(_))
     ));
 }
+
+#[test]
+fn a_redis_ca_reaches_every_component_from_its_secret() {
+    let mut wp = sample();
+    let r = rendered(&wp);
+    for d in &r.deployments {
+        let env = secret_env(container(d));
+        assert!(
+            env.iter().all(|(name, _, _)| name != "REDIS_CA_PEM"),
+            "no CA unless asked: {env:?}"
+        );
+    }
+    wp.spec.redis.ca_secret_ref = Some(widget_crds::SecretKeyRef {
+        name: "redis-tls".into(),
+        key: "ca.crt".into(),
+    });
+    assert!(
+        wp.secret_refs().iter().any(|r| r.name == "redis-tls"),
+        "the CA Secret is read (for the hashes and the probe)"
+    );
+    let r = rendered(&wp);
+    assert_eq!(r.deployments.len(), wp.spec.sources.len() + 2);
+    for d in &r.deployments {
+        let env = secret_env(container(d));
+        assert!(
+            env.contains(&("REDIS_CA_PEM".into(), "redis-tls".into(), "ca.crt".into())),
+            "{}: {env:?}",
+            d.name_any()
+        );
+    }
+}
