@@ -360,6 +360,10 @@ pub struct CoreApiSpec {
     /// core-api's own Redis user (see `widget-runtime acl core-api`); defaults to `spec.redis`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<Connection>,
+    /// A read replica of the core database for the API's fallback reads
+    /// (`CORE_DATABASE_READ_URL`); the ingester always writes to `spec.coreDatabase`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_read: Option<Connection>,
     #[serde(default)]
     pub http: HttpSpec,
     /// Without it, personalised widgets are answered with 401.
@@ -647,6 +651,7 @@ impl WidgetPipeline {
                 .filter_map(|s| s.redis.as_ref())
                 .chain(&self.spec.ingester.redis)
                 .chain(&self.spec.core_api.redis)
+                .chain(&self.spec.core_api.database_read)
                 .map(|c| &c.url_secret_ref),
         );
         refs.extend(

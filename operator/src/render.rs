@@ -655,6 +655,10 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
     ];
     let mut api_secrets = vec![api_redis.clone(), core_db.clone()];
     with_ca(&mut api_env, &mut api_secrets);
+    if let Some(read) = &spec.core_api.database_read {
+        api_env.push(secret_env("CORE_DATABASE_READ_URL", &read.url_secret_ref));
+        api_secrets.push(read.url_secret_ref.clone());
+    }
     if let Some(keys) = spec
         .core_api
         .identity

@@ -726,3 +726,26 @@ fn a_redis_ca_reaches_every_component_from_its_secret() {
         );
     }
 }
+
+#[test]
+fn a_core_database_read_replica_reaches_only_core_api() {
+    let mut wp = sample();
+    wp.spec.core_api.database_read = Some(widget_crds::Connection {
+        url_secret_ref: widget_crds::SecretKeyRef {
+            name: "core-db-replica".into(),
+            key: "url".into(),
+        },
+    });
+    let r = rendered(&wp);
+    let read = (
+        "CORE_DATABASE_READ_URL".to_string(),
+        "core-db-replica".to_string(),
+        "url".to_string(),
+    );
+    assert!(secret_env(container(deployment(&r, "home-core-api"))).contains(&read));
+    let ingester = secret_env(container(deployment(&r, "home-ingester")));
+    assert!(
+        !ingester.contains(&read),
+        "the ingester keeps the primary: {ingester:?}"
+    );
+}

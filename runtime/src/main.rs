@@ -211,6 +211,11 @@ struct CoreApiArgs {
     redis_url: String,
     #[arg(long, env = "CORE_DATABASE_URL", hide_env_values = true)]
     core_database_url: String,
+    /// A read replica of the core database for the API's fallback reads (the API only reads
+    /// Postgres; the ingester keeps the primary). Replica lag is harmless: the cache's version
+    /// guard never lets an older row replace a newer one.
+    #[arg(long, env = "CORE_DATABASE_READ_URL", hide_env_values = true)]
+    core_database_read_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -337,8 +342,16 @@ async fn main() -> anyhow::Result<()> {
         Command::CoreApi(args) => {
             let config = load_config(&args.config)?;
             let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
-            let pool = connect::pg_pool(&args.core_database_url, 16, &config.database)
-                .context("invalid CORE_DATABASE_URL")?;
+            let pool = match args
+                .core_database_read_url
+                .as_deref()
+                .filter(|u| !u.is_empty())
+            {
+                Some(read) => connect::pg_pool(read, 16, &config.database)
+                    .context("invalid CORE_DATABASE_READ_URL")?,
+                None => connect::pg_pool(&args.core_database_url, 16, &config.database)
+                    .context("invalid CORE_DATABASE_URL")?,
+            };
             let listener = bind(args.listen).await?;
             let admin = bind(args.admin_listen).await?;
             let cancel = shutdown::on_signal();

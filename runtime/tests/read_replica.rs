@@ -1,0 +1,74 @@
+//! core-api's fallback reads go to `CORE_DATABASE_READ_URL` when it is set (a read replica of
+//! the core database), through the real binary.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Stack, http_get};
+use testkit::eventually;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_reads_go_to_the_read_url() {
+    let stack = Stack::start().await;
+    // The "replica": another database with the schema and one widget the primary lacks.
+    let replica_url = stack.pg.create_database("replica").await.expect("db");
+    let replica = stack.pool(&replica_url).await;
+    widget_runtime::store::migrate(&widget_runtime::store::CORE_MIGRATIONS, &replica)
+        .await
+        .expect("migrate");
+    sqlx::query(
+        "INSERT INTO widgets (widget_key, widget_type, source, data_version, content)
+         VALUES ('deals.top-picks', 'card', 'deals', 7, '{\"from\": \"replica\"}')",
+    )
+    .execute(&replica)
+    .await
+    .expect("seed");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, stack.config.to_yaml()).expect("config");
+    let public = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let admin = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+        .args([
+            "core-api",
+            "--listen",
+            &public,
+            "--admin-listen",
+            &admin,
+            "--config",
+        ])
+        .arg(&path)
+        .env("REDIS_URL", stack.redis.url())
+        .env("CORE_DATABASE_URL", &stack.core_url)
+        .env("CORE_DATABASE_READ_URL", &replica_url)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start core-api");
+    let ready = eventually(Duration::from_secs(30), || async {
+        http_get(&admin, "/readyz", &[])
+            .await
+            .filter(|r| r.status == 200)
+    })
+    .await;
+    assert!(ready.is_some(), "core-api ready");
+
+    let r = http_get(&public, "/v1/widgets?keys=deals.top-picks", &[])
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-widget-source"), Some("database"));
+    let body = r.json();
+    assert_eq!(body["widgets"][0]["version"], 7, "{body}");
+    assert_eq!(body["widgets"][0]["content"]["from"], "replica", "{body}");
+    // The primary was not read: it has no such row, and it got none.
+    let primary = stack.pool(&stack.core_url).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM widgets")
+        .fetch_one(&primary)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0);
+    let _ = child.kill().await;
+}
