@@ -544,8 +544,8 @@ async fn run(secs: u64, conns: usize) {
                 .contains("x-widget-source: cache"),
             "the hit path serves from the cache: {headers}"
         );
-        let static_addr = serve_static(body.clone(), &cancel).await;
-        let hardened_addr = serve_static_hardened(body.clone(), &cancel).await;
+        let static_addr = serve_static(body.clone(), false, &cancel).await;
+        let hardened_addr = serve_static(body.clone(), true, &cancel).await;
         let keys: Vec<String> = changes[..n]
             .iter()
             .map(|c| cache.key(&c.widget_key))
@@ -701,9 +701,10 @@ fn print_table(title: &str, rows: &[Row]) {
     }
 }
 
-/// The static handler behind core-api's own HTTP server (its connection and request limits,
-/// header, request and write deadlines): what the hardening costs per request.
-async fn serve_static_hardened(body: Vec<u8>, cancel: &CancellationToken) -> String {
+/// A static handler returning `body`, served by `axum::serve` (the HTTP stack alone), or with
+/// `hardened` by core-api's own HTTP server (its connection and request limits, header, request
+/// and write deadlines): what the hardening costs per request.
+async fn serve_static(body: Vec<u8>, hardened: bool, cancel: &CancellationToken) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -718,29 +719,13 @@ async fn serve_static_hardened(body: Vec<u8>, cancel: &CancellationToken) -> Str
     );
     let c = cancel.clone();
     tokio::spawn(async move {
-        widget_runtime::server::serve(listener, app, &Default::default(), c).await
-    });
-    addr
-}
-
-async fn serve_static(body: Vec<u8>, cancel: &CancellationToken) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let body = bytes::Bytes::from(body);
-    let app = Router::new().route(
-        "/v1/screens/home",
-        get(move || {
-            let b = body.clone();
-            async move { ([("content-type", "application/json")], b) }
-        }),
-    );
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { c.cancelled().await })
-            .await
+        if hardened {
+            widget_runtime::server::serve(listener, app, &Default::default(), c).await
+        } else {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { c.cancelled().await })
+                .await
+        }
     });
     addr
 }

@@ -37,39 +37,19 @@ struct Api {
 impl Api {
     async fn start(stack: &Stack, redis_url: &str, db_url: &str) -> Api {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("config.yaml");
-        std::fs::write(&path, stack.config.to_yaml()).expect("config");
         let public = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
         let admin = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
-            .args([
-                "core-api",
-                "--listen",
-                &public,
-                "--admin-listen",
-                &admin,
-                "--config",
-            ])
-            .arg(&path)
-            .env("REDIS_URL", redis_url)
-            .env("CORE_DATABASE_URL", db_url)
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start core-api");
+        let child =
+            support::core_api_command(stack, dir.path(), &public, &admin, redis_url, db_url)
+                .spawn()
+                .expect("start core-api");
         let api = Api {
             child,
             public,
             admin,
             _dir: dir,
         };
-        let ready = eventually(Duration::from_secs(30), || async {
-            http_get(&api.admin, "/readyz", &[])
-                .await
-                .filter(|r| r.status == 200)
-        })
-        .await;
-        assert!(ready.is_some(), "core-api ready");
+        assert!(support::wait_ready(&api.admin).await, "core-api ready");
         api
     }
 

@@ -3,10 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::{Stack, http_get};
-use testkit::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_reads_go_to_the_read_url() {
@@ -26,34 +23,21 @@ async fn fallback_reads_go_to_the_read_url() {
     .expect("seed");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("config.yaml");
-    std::fs::write(&path, stack.config.to_yaml()).expect("config");
     let public = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
     let admin = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
-        .args([
-            "core-api",
-            "--listen",
-            &public,
-            "--admin-listen",
-            &admin,
-            "--config",
-        ])
-        .arg(&path)
-        .env("REDIS_URL", stack.redis.url())
-        .env("CORE_DATABASE_URL", &stack.core_url)
-        .env("CORE_DATABASE_READ_URL", &replica_url)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start core-api");
-    let ready = eventually(Duration::from_secs(30), || async {
-        http_get(&admin, "/readyz", &[])
-            .await
-            .filter(|r| r.status == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "core-api ready");
+    let redis_url = stack.redis.url();
+    let mut child = support::core_api_command(
+        &stack,
+        dir.path(),
+        &public,
+        &admin,
+        &redis_url,
+        &stack.core_url,
+    )
+    .env("CORE_DATABASE_READ_URL", &replica_url)
+    .spawn()
+    .expect("start core-api");
+    assert!(support::wait_ready(&admin).await, "core-api ready");
 
     let r = http_get(&public, "/v1/widgets?keys=deals.top-picks", &[])
         .await

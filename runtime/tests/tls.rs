@@ -73,13 +73,7 @@ async fn the_pipeline_runs_over_tls_and_a_wrong_ca_fails_start_up() {
     let mut child = dev(&stack, &url, &ca, &config, &listen)
         .spawn()
         .expect("start dev");
-    let ready = eventually(Duration::from_secs(30), || async {
-        http_get(&listen, "/readyz", &[])
-            .await
-            .filter(|r| r.status == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "dev is ready over TLS");
+    assert!(support::wait_ready(&listen).await, "dev is ready over TLS");
 
     let product = stack.pool(&stack.product_url).await;
     for version in 1..=3 {
@@ -155,13 +149,10 @@ async fn the_pipeline_runs_over_tls_and_a_wrong_ca_fails_start_up() {
         .env("REDIS_CA_PEM", redis.tls_ca_pem().expect("CA"))
         .spawn()
         .expect("start dev");
-    let ready = eventually(Duration::from_secs(30), || async {
-        http_get(&listen_pem, "/readyz", &[])
-            .await
-            .filter(|r| r.status == 200)
-    })
-    .await;
-    assert!(ready.is_some(), "ready with REDIS_CA_PEM");
+    assert!(
+        support::wait_ready(&listen_pem).await,
+        "ready with REDIS_CA_PEM"
+    );
     let _ = child.kill().await;
 
     // A CA file that cannot be read is named.

@@ -330,3 +330,43 @@ pub fn start_ingester_on(
         registry: Arc::new(Mutex::new(registry)),
     }
 }
+
+/// The `widget-runtime core-api` binary for `stack`'s pipeline (config written to `dir`),
+/// serving on `public` with its admin routes on `admin`; killed when dropped.
+pub fn core_api_command(
+    stack: &Stack,
+    dir: &std::path::Path,
+    public: &str,
+    admin: &str,
+    redis_url: &str,
+    db_url: &str,
+) -> tokio::process::Command {
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, stack.config.to_yaml()).expect("config");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"));
+    cmd.args([
+        "core-api",
+        "--listen",
+        public,
+        "--admin-listen",
+        admin,
+        "--config",
+    ])
+    .arg(&path)
+    .env("REDIS_URL", redis_url)
+    .env("CORE_DATABASE_URL", db_url)
+    .env("RUST_LOG", "warn")
+    .kill_on_drop(true);
+    cmd
+}
+
+/// True once `addr` answers `/readyz` with 200, within 30 s.
+pub async fn wait_ready(addr: &str) -> bool {
+    testkit::eventually(Duration::from_secs(30), || async {
+        http_get(addr, "/readyz", &[])
+            .await
+            .filter(|r| r.status == 200)
+    })
+    .await
+    .is_some()
+}
