@@ -364,6 +364,11 @@ pub struct CoreApiSpec {
     /// (`CORE_DATABASE_READ_URL`); the ingester always writes to `spec.coreDatabase`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_read: Option<Connection>,
+    /// A Redis replica for every cache read and its invalidations (`REDIS_READ_URL`), when
+    /// serving up to the replica's lag behind is acceptable; back-fills and stats still go to
+    /// the primary, and the stream is never read from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_read: Option<Connection>,
     #[serde(default)]
     pub http: HttpSpec,
     /// Without it, personalised widgets are answered with 401.
@@ -652,6 +657,7 @@ impl WidgetPipeline {
                 .chain(&self.spec.ingester.redis)
                 .chain(&self.spec.core_api.redis)
                 .chain(&self.spec.core_api.database_read)
+                .chain(&self.spec.core_api.redis_read)
                 .map(|c| &c.url_secret_ref),
         );
         refs.extend(

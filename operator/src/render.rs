@@ -655,9 +655,14 @@ pub fn render(wp: &WidgetPipeline, secrets: &SecretVersions) -> Result<Rendered>
     ];
     let mut api_secrets = vec![api_redis.clone(), core_db.clone()];
     with_ca(&mut api_env, &mut api_secrets);
-    if let Some(read) = &spec.core_api.database_read {
-        api_env.push(secret_env("CORE_DATABASE_READ_URL", &read.url_secret_ref));
-        api_secrets.push(read.url_secret_ref.clone());
+    for (var, read) in [
+        ("CORE_DATABASE_READ_URL", &spec.core_api.database_read),
+        ("REDIS_READ_URL", &spec.core_api.redis_read),
+    ] {
+        if let Some(read) = read {
+            api_env.push(secret_env(var, &read.url_secret_ref));
+            api_secrets.push(read.url_secret_ref.clone());
+        }
     }
     if let Some(keys) = spec
         .core_api

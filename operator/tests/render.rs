@@ -728,15 +728,30 @@ fn a_redis_ca_reaches_every_component_from_its_secret() {
 }
 
 #[test]
-fn a_core_database_read_replica_reaches_only_core_api() {
-    let mut wp = sample();
-    wp.spec.core_api.database_read = Some(widget_crds::Connection {
+fn read_replicas_reach_only_core_api() {
+    let conn = |name: &str| widget_crds::Connection {
         url_secret_ref: widget_crds::SecretKeyRef {
-            name: "core-db-replica".into(),
+            name: name.into(),
             key: "url".into(),
         },
-    });
+    };
+    let mut wp = sample();
+    wp.spec.core_api.database_read = Some(conn("core-db-replica"));
+    wp.spec.core_api.redis_read = Some(conn("redis-replica"));
     let r = rendered(&wp);
+    let redis_read = (
+        "REDIS_READ_URL".to_string(),
+        "redis-replica".to_string(),
+        "url".to_string(),
+    );
+    assert!(secret_env(container(deployment(&r, "home-core-api"))).contains(&redis_read));
+    for other in ["home-ingester", "home-outbox-deals"] {
+        let env = secret_env(container(deployment(&r, other)));
+        assert!(
+            !env.contains(&redis_read),
+            "{other} reads and writes the primary: {env:?}"
+        );
+    }
     let read = (
         "CORE_DATABASE_READ_URL".to_string(),
         "core-db-replica".to_string(),

@@ -216,6 +216,10 @@ struct CoreApiArgs {
     /// guard never lets an older row replace a newer one.
     #[arg(long, env = "CORE_DATABASE_READ_URL", hide_env_values = true)]
     core_database_read_url: Option<String>,
+    /// A Redis replica for every cache read (and its invalidations), when the pipeline accepts
+    /// replica lag; back-fills and stats still go to `REDIS_URL`.
+    #[arg(long, env = "REDIS_READ_URL", hide_env_values = true)]
+    redis_read_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -341,7 +345,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CoreApi(args) => {
             let config = load_config(&args.config)?;
-            let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
+            let redis = api::RedisEndpoints {
+                primary: connect::redis_from_env(&args.redis_url, &config.redis).await?,
+                read: match args.redis_read_url.as_deref().filter(|u| !u.is_empty()) {
+                    Some(url) => Some(connect::redis_from_env(url, &config.redis).await?),
+                    None => None,
+                },
+            };
             let pool = match args
                 .core_database_read_url
                 .as_deref()

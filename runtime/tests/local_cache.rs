@@ -405,3 +405,90 @@ async fn a_half_open_shared_connection_is_replaced_within_seconds() {
     );
     api.stop().await;
 }
+
+/// calls of `cmd` the server at `url` has counted (`INFO commandstats`).
+async fn calls(server: &testkit::RedisServer, cmd: &str) -> u64 {
+    let mut conn = server.connection().await.expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    info.lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+// With a read replica, every cache read and its invalidations come from the replica, and the
+// in-process cache stays coherent with it; back-fills go to the primary (a replica refuses
+// writes) and reach the replica by replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_a_replica_stay_coherent_and_back_fills_go_to_the_primary() {
+    let stack = Stack::with_config(CONFIG).await;
+    let replica = testkit::RedisServer::start_replica_of(&stack.redis)
+        .await
+        .expect("replica");
+    replica
+        .wait_in_sync(Duration::from_secs(20))
+        .await
+        .expect("in sync");
+    put(&stack, "deals.w-0", 1, 10).await;
+    let endpoints = widget_runtime::api::RedisEndpoints {
+        primary: redis::Client::open(stack.redis.url()).expect("url").into(),
+        read: Some(redis::Client::open(replica.url()).expect("url").into()),
+    };
+    let api = support::start_api_with(&stack, endpoints).await;
+    let seen = |v: i64| {
+        let api = &api;
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                (served(api, "deals.w-0").await == Some(v)).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+    assert!(seen(1).await, "v1 served from the replica");
+    for _ in 0..5 {
+        assert_eq!(served(&api, "deals.w-0").await, Some(1));
+    }
+    // Written to the primary: the replica's invalidation drops the in-process copy.
+    put(&stack, "deals.w-0", 2, 10).await;
+    assert!(seen(2).await, "v2 served after the write replicated");
+
+    // A widget only Postgres has: read there, back-filled into the primary.
+    let core = stack.pool(&stack.core_url).await;
+    sqlx::query(
+        "INSERT INTO widgets (widget_key, widget_type, source, data_version, content)
+         VALUES ('deals.w-9', 'card', 'deals', 4, '{}')",
+    )
+    .execute(&core)
+    .await
+    .expect("seed");
+    assert_eq!(served(&api, "deals.w-9").await, Some(4));
+    let key = format!("{}w:deals.w-9", stack.config.key_prefix());
+    let mut primary = stack.redis_conn().await;
+    let filled = eventually(Duration::from_secs(5), || {
+        let (mut c, key) = (primary.clone(), key.clone());
+        async move {
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut c).await.ok()?;
+            v.map(|_| ())
+        }
+    })
+    .await;
+    assert!(filled.is_some(), "the back-fill is in the primary");
+    let _ = &mut primary;
+    assert!(
+        calls(&replica, "mget").await > 0,
+        "reads went to the replica"
+    );
+    assert_eq!(
+        calls(&stack.redis, "mget").await,
+        0,
+        "no read went to the primary"
+    );
+    api.stop().await;
+}

@@ -129,9 +129,14 @@ pub struct Shared {
     pub settings: ApiSettings,
     screens: HashMap<String, ScreenKeys>,
     cache: Cache,
+    /// Where cache reads, their invalidations and the probe go: the primary, or the replica
+    /// `REDIS_READ_URL` names.
     redis: connect::Redis,
     /// The shared connections requests read through, in turn.
     lanes: Vec<Lane>,
+    /// With a read replica: the primary's connection, for back-fills and stats (a replica
+    /// refuses writes). Without one, writes take the read lanes.
+    writer: Option<Lane>,
     next_lane: std::sync::atomic::AtomicUsize,
     /// The prober's own connection: a PING queued behind a large reply on the shared one
     /// would make a slow reply look like a dead Redis.
@@ -150,9 +155,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// A shared Redis connection, opened on first use (so the API starts while Redis is down).
+    /// A connection that takes writes, opened on first use (so the API starts while Redis is
+    /// down).
     async fn redis_conn(&self) -> redis::RedisResult<ConnectionManager> {
-        self.lanes[0].conn.get(&self.redis).await
+        let lane = self.write_lane();
+        lane.conn.get(&lane.endpoint).await
+    }
+
+    fn write_lane(&self) -> &Lane {
+        self.writer.as_ref().unwrap_or_else(|| self.lane())
     }
 
     fn lane(&self) -> &Lane {
@@ -175,21 +186,44 @@ impl Shared {
         Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let lane = self.lane();
-        let conn =
-            match tokio::time::timeout(self.settings.redis_timeout, lane.conn.get(&self.redis))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(self.redis_failed(e.to_string())),
-                Err(_) => return Err(self.redis_failed("connecting timed out".into())),
-            };
+        self.redis_call_via(self.lane(), true, call).await
+    }
+
+    /// Like [`Shared::redis_call`] on `lane`; with `breaker` false its failures do not count
+    /// against the circuit (writes to a primary while reads go to a healthy replica).
+    async fn redis_call_via<T, F, Fut>(
+        self: &Arc<Self>,
+        lane: &Lane,
+        breaker: bool,
+        call: F,
+    ) -> Result<T, String>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let failed = |e: String| {
+            if breaker {
+                self.redis_failed(e)
+            } else {
+                self.metrics.store_error("redis");
+                e
+            }
+        };
+        let connect = lane.conn.get(&lane.endpoint);
+        let conn = match tokio::time::timeout(self.settings.redis_timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(_) => return Err(failed("connecting timed out".into())),
+        };
         let mut attempt = Box::pin(call(conn));
         let error = tokio::select! {
             r = &mut attempt => match r {
                 Ok(v) => {
                     lane.liveness.replied();
-                    self.redis_breaker.record_success();
+                    if breaker {
+                        self.redis_breaker.record_success();
+                    }
                     return Ok(v);
                 }
                 Err(e) => e.to_string(),
@@ -206,7 +240,7 @@ impl Shared {
                 return Err(format!("no answer within {:?}", self.settings.redis_timeout));
             }
         };
-        Err(self.redis_failed(error))
+        Err(failed(error))
     }
 
     fn redis_failed(&self, error: String) -> String {
@@ -237,18 +271,22 @@ impl Shared {
                 )
             })
             .collect();
-        self.redis_call(|mut c| async move {
-            let writes: Vec<CacheWrite<'_>> = owned
-                .iter()
-                .map(|(k, version, json, ttl)| CacheWrite {
-                    widget_key: k,
-                    version: *version,
-                    json: json.as_deref(),
-                    ttl: *ttl,
-                })
-                .collect();
-            cache.write_many(&mut c, &writes).await
-        })
+        self.redis_call_via(
+            self.write_lane(),
+            self.writer.is_none(),
+            |mut c| async move {
+                let writes: Vec<CacheWrite<'_>> = owned
+                    .iter()
+                    .map(|(k, version, json, ttl)| CacheWrite {
+                        widget_key: k,
+                        version: *version,
+                        json: json.as_deref(),
+                        ttl: *ttl,
+                    })
+                    .collect();
+                cache.write_many(&mut c, &writes).await
+            },
+        )
         .await
     }
 
@@ -296,7 +334,7 @@ impl Shared {
         // Redis answers; a shared connection may still be dead (half-open after a failover):
         // timed-out calls and not a single reply since.
         let mut replaced = 0;
-        for lane in &self.lanes {
+        for lane in self.lanes.iter().chain(&self.writer) {
             if lane.liveness.silent_for() >= SHARED_DEAD_AFTER {
                 lane.conn.reset();
                 lane.liveness.replied();
@@ -344,11 +382,45 @@ fn lane_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
 }
 
-/// A shared connection and whether it still delivers replies (late ones count).
-#[derive(Default)]
+/// A shared connection, where it goes, and whether it still delivers replies (late ones count).
 struct Lane {
+    endpoint: connect::Redis,
     conn: ConnSlot,
     liveness: Arc<Liveness>,
+}
+
+impl Lane {
+    fn to(endpoint: &connect::Redis) -> Lane {
+        Lane {
+            endpoint: endpoint.clone(),
+            conn: ConnSlot::default(),
+            liveness: Arc::default(),
+        }
+    }
+}
+
+/// Where core-api reaches Redis: the primary, and optionally a replica (`REDIS_READ_URL`)
+/// for every cache read and its invalidations, when the pipeline accepts replica lag. Writes
+/// (back-fills, stats) always go to the primary.
+#[derive(Clone, Debug)]
+pub struct RedisEndpoints {
+    pub primary: connect::Redis,
+    pub read: Option<connect::Redis>,
+}
+
+impl From<connect::Redis> for RedisEndpoints {
+    fn from(primary: connect::Redis) -> Self {
+        RedisEndpoints {
+            primary,
+            read: None,
+        }
+    }
+}
+
+impl From<redis::Client> for RedisEndpoints {
+    fn from(client: redis::Client) -> Self {
+        connect::Redis::from(client).into()
+    }
 }
 
 /// A Redis connection opened on first use and replaced when found dead.
@@ -425,12 +497,15 @@ pub struct ApiState(pub Arc<Shared>);
 impl ApiState {
     pub fn new(
         settings: ApiSettings,
-        redis: impl Into<connect::Redis>,
+        redis: impl Into<RedisEndpoints>,
         pool: PgPool,
         registry: &mut Registry,
         readiness: Readiness,
     ) -> Self {
         let metrics = metrics::ApiMetrics::register(registry);
+        let RedisEndpoints { primary, read } = redis.into();
+        let writer = read.as_ref().map(|_| Lane::to(&primary));
+        let redis = read.unwrap_or(primary);
         let screens = settings
             .screens
             .iter()
@@ -471,8 +546,9 @@ impl ApiState {
             settings,
             personal,
             screens,
-            redis: redis.into(),
-            lanes: (0..lane_count()).map(|_| Lane::default()).collect(),
+            lanes: (0..lane_count()).map(|_| Lane::to(&redis)).collect(),
+            writer,
+            redis,
             next_lane: Default::default(),
             probe_conn: ConnSlot::default(),
             pool,
@@ -539,7 +615,7 @@ pub struct CoreApi {
 impl CoreApi {
     pub fn new(
         settings: ApiSettings,
-        redis: impl Into<connect::Redis>,
+        redis: impl Into<RedisEndpoints>,
         pool: PgPool,
         registry: &mut Registry,
         readiness: Readiness,
@@ -652,7 +728,7 @@ pub struct Listeners {
 
 pub async fn serve(
     config: &Config,
-    redis: impl Into<connect::Redis>,
+    redis: impl Into<RedisEndpoints>,
     pool: PgPool,
     listeners: Listeners,
     mut registry: Registry,

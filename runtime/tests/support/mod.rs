@@ -217,13 +217,24 @@ impl RunningApi {
 /// Starts the core-api of `stack`'s pipeline against the Redis at `redis_url` and waits until
 /// it is ready.
 pub async fn start_api_on(stack: &Stack, redis_url: &str) -> RunningApi {
+    start_api_with(
+        stack,
+        redis::Client::open(redis_url).expect("redis url").into(),
+    )
+    .await
+}
+
+/// Like [`start_api_on`], with the Redis endpoints given (a read replica, say).
+pub async fn start_api_with(
+    stack: &Stack,
+    redis: widget_runtime::api::RedisEndpoints,
+) -> RunningApi {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let cancel = tokio_util::sync::CancellationToken::new();
     let config = stack.config.clone();
-    let redis = redis::Client::open(redis_url).expect("redis url");
     let pool = stack.lazy_pool(&stack.core_url);
     let c = cancel.clone();
     let task = tokio::spawn(async move {
