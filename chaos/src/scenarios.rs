@@ -164,10 +164,22 @@ async fn product_stop(ctx: &mut Ctx<'_>) -> Result<()> {
 async fn redis_restart(ctx: &mut Ctx<'_>, empty: bool) -> Result<()> {
     let loss_before = ctx.fleet.counter("widget_ingest_redis_loss_detected_total")
         + ctx.fleet.counter("widget_outbox_redis_loss_detected_total");
+    // The loss must catch relayed rows not yet confirmed (the ones a replay must send again):
+    // writes have just resumed after the previous scenario's drain, so wait for some.
+    let awaiting = if empty {
+        relayed_unconfirmed(ctx.fleet, Duration::from_secs(5)).await?
+    } else {
+        0
+    };
     ctx.begin_fault();
     if empty {
         ctx.fleet.redis.kill().await;
         ctx.fleet.redis.wipe();
+        ctx.check(
+            "killed while relayed rows awaited confirmation",
+            awaiting > 0,
+            format!("{awaiting} rows relayed, unconfirmed"),
+        );
     } else {
         ctx.fleet.redis.stop().await;
     }
@@ -193,6 +205,29 @@ async fn redis_restart(ctx: &mut Ctx<'_>, empty: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Relayed rows still kept for confirmation in the product outboxes, polled for up to `limit`
+/// until there are some.
+async fn relayed_unconfirmed(fleet: &Fleet, limit: Duration) -> Result<i64> {
+    let start = Instant::now();
+    loop {
+        let mut n = 0;
+        for url in fleet.product_urls.values() {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            let count: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM widget_outbox WHERE published_at IS NOT NULL",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            conn.close().await?;
+            n += count;
+        }
+        if n > 0 || start.elapsed() >= limit {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// How many entries `consumer` holds pending.
