@@ -60,22 +60,14 @@ pub async fn connect(
     url: &str,
     ca_pem: Option<&[u8]>,
 ) -> Result<redis::aio::MultiplexedConnection, ProbeError> {
-    let client = match ca_pem {
-        Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.to_vec()),
-            },
-        )?,
-        _ => redis::Client::open(url)?,
+    let deadlines = widget_runtime::config::RedisConfig {
+        connect_timeout: PROBE_TIMEOUT,
+        response_timeout: PROBE_TIMEOUT,
+        ..Default::default()
     };
-    let cfg = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(PROBE_TIMEOUT))
-        .set_response_timeout(Some(PROBE_TIMEOUT));
-    Ok(client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?)
+    let redis =
+        widget_runtime::connect::Redis::open_tls(url, &deadlines, ca_pem.map(<[u8]>::to_vec))?;
+    Ok(redis.connection().await?)
 }
 
 /// Reads the figures for `config`'s pipeline from the Redis at `url`.

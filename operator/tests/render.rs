@@ -60,6 +60,16 @@ fn pod_annotation(d: &Deployment, key: &str) -> String {
 }
 
 /// (name, secret name, secret key) of every env var read from a Secret.
+/// A connection whose URL is the `url` key of the Secret `name`.
+fn conn(name: &str) -> widget_crds::Connection {
+    widget_crds::Connection {
+        url_secret_ref: widget_crds::SecretKeyRef {
+            name: name.into(),
+            key: "url".into(),
+        },
+    }
+}
+
 fn secret_env(c: &Container) -> Vec<(String, String, String)> {
     c.env
         .iter()
@@ -325,12 +335,6 @@ fn a_name_with_an_outbox_segment_is_invalid() {
 
 #[test]
 fn each_component_can_have_its_own_redis_user() {
-    let conn = |name: &str| widget_crds::Connection {
-        url_secret_ref: widget_crds::SecretKeyRef {
-            name: name.into(),
-            key: "url".into(),
-        },
-    };
     let mut wp = sample();
     wp.spec.sources[0].redis = Some(conn("redis-worker-deals"));
     wp.spec.ingester.redis = Some(conn("redis-ingester"));
@@ -729,12 +733,6 @@ fn a_redis_ca_reaches_every_component_from_its_secret() {
 
 #[test]
 fn read_replicas_reach_only_core_api() {
-    let conn = |name: &str| widget_crds::Connection {
-        url_secret_ref: widget_crds::SecretKeyRef {
-            name: name.into(),
-            key: "url".into(),
-        },
-    };
     let mut wp = sample();
     wp.spec.core_api.database_read = Some(conn("core-db-replica"));
     wp.spec.core_api.redis_read = Some(conn("redis-replica"));

@@ -171,11 +171,16 @@ impl Cache {
         if widget_keys.is_empty() {
             return Ok(Vec::new());
         }
+        self.mget(widget_keys).query_async(conn).await
+    }
+
+    /// `MGET` of the widgets' cache keys (at least one), as a command that owns its arguments.
+    pub fn mget(&self, widget_keys: &[&str]) -> redis::Cmd {
         let mut cmd = redis::cmd("MGET");
         for k in widget_keys {
             cmd.arg(self.key(k));
         }
-        cmd.query_async(conn).await
+        cmd
     }
 }
 

@@ -70,13 +70,15 @@ impl Redis {
     /// retry will fix: the server's TLS certificate not trusted, a plain server behind a
     /// `rediss://` URL, or refused credentials. An unreachable server is not an error here:
     /// components start before their Redis and wait for it.
-    pub async fn check(&self) -> Result<(), String> {
+    /// `url_var` names where the URL came from, for the message.
+    pub async fn check(&self, url_var: &str) -> Result<(), String> {
         match self.connection().await {
             Ok(_) => Ok(()),
             Err(e) => {
                 let text = e.to_string();
                 let lower = text.to_ascii_lowercase();
-                let tls = ["certificate", "tls", "handshake", "unknownissuer", "peer"]
+                // Not "peer": "connection reset by peer" is a Redis restarting, not a config.
+                let tls = ["certificate", "tls", "handshake"]
                     .iter()
                     .any(|w| lower.contains(w));
                 if tls && self.is_tls() {
@@ -94,7 +96,7 @@ impl Redis {
                     || lower.contains("noauth")
                 {
                     Err(format!(
-                        "Redis refused the credentials in REDIS_URL: {text}"
+                        "Redis refused the credentials in {url_var}: {text}"
                     ))
                 } else {
                     Ok(())
@@ -164,11 +166,15 @@ pub const REDIS_CA_FILE_ENV: &str = "REDIS_CA_FILE";
 /// The same CA bundle as text, as the operator passes it from a Secret key.
 pub const REDIS_CA_PEM_ENV: &str = "REDIS_CA_PEM";
 
-/// The Redis endpoint of a component: `url` (`REDIS_URL`), the CA bundle of `REDIS_CA_PEM` or
-/// of the file `REDIS_CA_FILE` names, if set, checked once ([`Redis::check`]) so a
-/// configuration that can never connect fails start-up with a clear message instead of
-/// retrying for ever.
-pub async fn redis_from_env(url: &str, settings: &RedisConfig) -> anyhow::Result<Redis> {
+/// The Redis endpoint of a component: `url` (from the variable `url_var`, `REDIS_URL` or
+/// `REDIS_READ_URL`), the CA bundle of `REDIS_CA_PEM` or of the file `REDIS_CA_FILE` names, if
+/// set, checked once ([`Redis::check`]) so a configuration that can never connect fails
+/// start-up with a clear message instead of retrying for ever.
+pub async fn redis_from_env(
+    url_var: &str,
+    url: &str,
+    settings: &RedisConfig,
+) -> anyhow::Result<Redis> {
     use anyhow::Context;
     let pem = std::env::var(REDIS_CA_PEM_ENV)
         .ok()
@@ -185,8 +191,8 @@ pub async fn redis_from_env(url: &str, settings: &RedisConfig) -> anyhow::Result
         }
         _ => None,
     };
-    let redis = Redis::open_tls(url, settings, ca).context("invalid REDIS_URL")?;
-    redis.check().await.map_err(anyhow::Error::msg)?;
+    let redis = Redis::open_tls(url, settings, ca).with_context(|| format!("invalid {url_var}"))?;
+    redis.check(url_var).await.map_err(anyhow::Error::msg)?;
     Ok(redis)
 }
 

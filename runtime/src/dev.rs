@@ -47,7 +47,7 @@ pub async fn run(
             s.outbox_table
         );
     }
-    let redis = connect::redis_from_env(&stores.redis_url, &config.redis).await?;
+    let redis = connect::redis_from_env("REDIS_URL", &stores.redis_url, &config.redis).await?;
     let core = connect::pg_pool(&stores.core_database_url, 16, &config.database)
         .context("invalid CORE_DATABASE_URL")?;
     let source = if stores.source_database_url == stores.core_database_url {

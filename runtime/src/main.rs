@@ -291,7 +291,8 @@ async fn main() -> anyhow::Result<()> {
         Command::OutboxWorker(args) => {
             let config = load_config(&args.common.config)?;
             let settings = outbox::worker::WorkerSettings::from_config(&config, &args.source)?;
-            let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
+            let redis =
+                connect::redis_from_env("REDIS_URL", &args.redis_url, &config.redis).await?;
             let pool = connect::pg_pool(&args.source_database_url, 4, &config.database)
                 .context("invalid SOURCE_DATABASE_URL")?;
             let listener = bind(args.common.admin_listen).await?;
@@ -312,7 +313,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Ingester(args) => {
             let config = load_config(&args.common.config)?;
-            let redis = connect::redis_from_env(&args.redis_url, &config.redis).await?;
+            let redis =
+                connect::redis_from_env("REDIS_URL", &args.redis_url, &config.redis).await?;
             let pool = connect::pg_pool(&args.core_database_url, 8, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
             let consumer = match args.consumer {
@@ -346,9 +348,12 @@ async fn main() -> anyhow::Result<()> {
         Command::CoreApi(args) => {
             let config = load_config(&args.config)?;
             let redis = api::RedisEndpoints {
-                primary: connect::redis_from_env(&args.redis_url, &config.redis).await?,
+                primary: connect::redis_from_env("REDIS_URL", &args.redis_url, &config.redis)
+                    .await?,
                 read: match args.redis_read_url.as_deref().filter(|u| !u.is_empty()) {
-                    Some(url) => Some(connect::redis_from_env(url, &config.redis).await?),
+                    Some(url) => {
+                        Some(connect::redis_from_env("REDIS_READ_URL", url, &config.redis).await?)
+                    }
                     None => None,
                 },
             };
@@ -392,7 +397,7 @@ async fn main() -> anyhow::Result<()> {
                         .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
                 }),
             };
-            let mut redis = connect::redis_from_env(&args.redis_url, &config.redis)
+            let mut redis = connect::redis_from_env("REDIS_URL", &args.redis_url, &config.redis)
                 .await?
                 .connection()
                 .await
@@ -480,7 +485,7 @@ async fn main() -> anyhow::Result<()> {
             let cache = widget_runtime::cache::Cache::new(config.key_prefix());
             let pool = connect::pg_pool(&args.core_database_url, 1, &config.database)
                 .context("invalid CORE_DATABASE_URL")?;
-            let mut redis = connect::redis_from_env(&args.redis_url, &config.redis)
+            let mut redis = connect::redis_from_env("REDIS_URL", &args.redis_url, &config.redis)
                 .await?
                 .connection()
                 .await

@@ -461,16 +461,10 @@ async fn reads_from_a_replica_stay_coherent_and_back_fills_go_to_the_primary() {
 
     // A widget only Postgres has: read there, back-filled into the primary.
     let core = stack.pool(&stack.core_url).await;
-    sqlx::query(
-        "INSERT INTO widgets (widget_key, widget_type, source, data_version, content)
-         VALUES ('deals.w-9', 'card', 'deals', 4, '{}')",
-    )
-    .execute(&core)
-    .await
-    .expect("seed");
+    support::store_widget(&core, "deals.w-9", 4, serde_json::json!({})).await;
     assert_eq!(served(&api, "deals.w-9").await, Some(4));
     let key = format!("{}w:deals.w-9", stack.config.key_prefix());
-    let mut primary = stack.redis_conn().await;
+    let primary = stack.redis_conn().await;
     let filled = eventually(Duration::from_secs(5), || {
         let (mut c, key) = (primary.clone(), key.clone());
         async move {
@@ -480,7 +474,6 @@ async fn reads_from_a_replica_stay_coherent_and_back_fills_go_to_the_primary() {
     })
     .await;
     assert!(filled.is_some(), "the back-fill is in the primary");
-    let _ = &mut primary;
     assert!(
         calls(&replica, "mget").await > 0,
         "reads went to the replica"

@@ -14,13 +14,13 @@ async fn fallback_reads_go_to_the_read_url() {
     widget_runtime::store::migrate(&widget_runtime::store::CORE_MIGRATIONS, &replica)
         .await
         .expect("migrate");
-    sqlx::query(
-        "INSERT INTO widgets (widget_key, widget_type, source, data_version, content)
-         VALUES ('deals.top-picks', 'card', 'deals', 7, '{\"from\": \"replica\"}')",
+    support::store_widget(
+        &replica,
+        "deals.top-picks",
+        7,
+        serde_json::json!({"from": "replica"}),
     )
-    .execute(&replica)
-    .await
-    .expect("seed");
+    .await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let public = format!("127.0.0.1:{}", testkit::free_port().expect("port"));

@@ -57,7 +57,7 @@ async fn the_pipeline_runs_over_tls_and_a_wrong_ca_fails_start_up() {
 
     // The same server's port without TLS in the URL is refused: it speaks only TLS.
     let plain = url.replacen("rediss://", "redis://", 1);
-    let mut raw = redis::Client::open(plain.as_str()).expect("url");
+    let raw = redis::Client::open(plain.as_str()).expect("url");
     assert!(
         tokio::time::timeout(
             Duration::from_secs(3),
@@ -67,7 +67,6 @@ async fn the_pipeline_runs_over_tls_and_a_wrong_ca_fails_start_up() {
         .map_or(true, |r| r.is_err()),
         "a plain connection is not served"
     );
-    let _ = &mut raw;
 
     let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
     let mut child = dev(&stack, &url, &ca, &config, &listen)

@@ -250,10 +250,7 @@ impl Shared {
     }
 
     async fn mget(self: &Arc<Self>, keys: &[&str]) -> Result<Vec<Option<Vec<u8>>>, String> {
-        let mut cmd = redis::cmd("MGET");
-        for k in keys {
-            cmd.arg(self.cache.key(k));
-        }
+        let cmd = self.cache.mget(keys);
         self.redis_call(|mut c| async move { cmd.query_async(&mut c).await })
             .await
     }
@@ -342,9 +339,9 @@ impl Shared {
             }
         }
         if replaced > 0 {
+            let all = self.lanes.len() + usize::from(self.writer.is_some());
             return Err(format!(
-                "{replaced} of {} shared connections stopped answering; replaced",
-                self.lanes.len()
+                "{replaced} of {all} shared connections stopped answering; replaced"
             ));
         }
         Ok(())

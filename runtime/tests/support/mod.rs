@@ -381,3 +381,19 @@ pub async fn wait_ready(addr: &str) -> bool {
     .await
     .is_some()
 }
+
+/// Stores `key` (of source `deals`, type `card`) at `version` with `content` in the core
+/// database at `pool`, through the ingester's own UPSERT.
+pub async fn store_widget(pool: &PgPool, key: &str, version: i64, content: serde_json::Value) {
+    let change = store::Change {
+        widget_key: key.into(),
+        widget_type: "card".into(),
+        source: "deals".into(),
+        data_version: version,
+        op: widget_runtime::Op::Upsert,
+        content: Some(content.to_string()),
+    };
+    store::apply_batch(pool, &[change])
+        .await
+        .expect("store widget");
+}
