@@ -12,6 +12,8 @@ have_pg_server() {
 }
 have_pg_server || need+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# redis-cli builds the test clusters (redis-cli --cluster create).
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 # The Python producer example runs in a virtual environment the tests create (psycopg from PyPI).
 if ! python3 -m venv --help >/dev/null 2>&1; then

@@ -12,7 +12,14 @@ async fn every_fault_under_load_ends_with_nothing_lost_and_nothing_stale() {
             o.scenario,
             o.lost,
             o.stale
-        )
+        );
+        // A failure must say why in CI's log, not only that it failed.
+        for problem in &o.problems {
+            eprintln!("  problem: {problem}");
+        }
+        for check in o.checks.iter().filter(|c| !c.ok) {
+            eprintln!("  check failed: {}: {}", check.what, check.detail);
+        }
     })
     .await
     .expect("the suite runs");

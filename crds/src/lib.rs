@@ -126,6 +126,19 @@ pub struct RedisConnection {
     pub url_secret_ref: SecretKeyRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+    /// `cluster` for a Redis Cluster (or Valkey cluster): the URL names one node, the others
+    /// are found from it; the pipeline's stream and the keys beside it get a hash tag.
+    #[serde(default)]
+    pub mode: RedisModeSpec,
+}
+
+/// What the Redis URL points at.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum RedisModeSpec {
+    #[default]
+    Standalone,
+    Cluster,
 }
 
 /// One key of a Secret in the pipeline's namespace.

@@ -382,7 +382,9 @@ async fn reconcile_pipeline(wp: &WidgetPipeline, ctx: &Context) -> Result<Action
     let rendered = render::render(wp, &secrets.versions)?;
     // One connection for the claim and the probe.
     let mut redis = match &secrets.redis_url {
-        Some(url) => Some(probe::connect(url, secrets.redis_ca.as_deref()).await),
+        Some(url) => {
+            Some(probe::connect(url, secrets.redis_ca.as_deref(), rendered.config.redis.mode).await)
+        }
         None => None,
     };
     let names = match &mut redis {
@@ -571,7 +573,7 @@ enum Names {
 async fn claim_names(
     wp: &WidgetPipeline,
     ns: &str,
-    con: &mut redis::aio::MultiplexedConnection,
+    con: &mut widget_runtime::connect::Conn,
     config: &widget_runtime::config::Config,
     ctx: &Context,
 ) -> Names {

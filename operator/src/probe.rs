@@ -10,7 +10,8 @@ use k8s_openapi::jiff::Timestamp;
 use redis::AsyncCommands;
 use redis::streams::StreamInfoGroupsReply;
 use widget_crds::{IngressLag, LiveStatus, SourceBacklog};
-use widget_runtime::config::Config;
+use widget_runtime::config::{Config, RedisMode};
+use widget_runtime::connect::Conn;
 use widget_runtime::stats::field;
 
 /// Connect and response timeout of a probe; a probe never holds up a reconcile for longer.
@@ -59,8 +60,10 @@ fn time_ms(ms: i64) -> Option<Time> {
 pub async fn connect(
     url: &str,
     ca_pem: Option<&[u8]>,
-) -> Result<redis::aio::MultiplexedConnection, ProbeError> {
+    mode: RedisMode,
+) -> Result<Conn, ProbeError> {
     let deadlines = widget_runtime::config::RedisConfig {
+        mode,
         connect_timeout: PROBE_TIMEOUT,
         response_timeout: PROBE_TIMEOUT,
         ..Default::default()
@@ -72,14 +75,11 @@ pub async fn connect(
 
 /// Reads the figures for `config`'s pipeline from the Redis at `url`.
 pub async fn probe(url: &str, config: &Config) -> Result<LiveStatus, ProbeError> {
-    read(&mut connect(url, None).await?, config).await
+    read(&mut connect(url, None, config.redis.mode).await?, config).await
 }
 
 /// Reads the figures for `config`'s pipeline on an open connection.
-pub async fn read(
-    con: &mut redis::aio::MultiplexedConnection,
-    config: &Config,
-) -> Result<LiveStatus, ProbeError> {
+pub async fn read(con: &mut Conn, config: &Config) -> Result<LiveStatus, ProbeError> {
     let stream = config.stream_name();
     let stream_length: i64 = con.xlen(&stream).await?;
     let dead_letter_length: i64 = con.xlen(config.dead_letter_stream()).await?;
@@ -114,7 +114,7 @@ pub async fn read(
 
 /// `CONFIG GET maxmemory-policy`. Managed services often rename or forbid CONFIG (and an ACL
 /// may refuse it): any error means "unknown", never a failed probe.
-async fn maxmemory_policy(con: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+async fn maxmemory_policy(con: &mut Conn) -> Option<String> {
     // A map in RESP3, a flat [name, value] array in RESP2; both convert to a HashMap.
     let reply: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
         .arg("GET")

@@ -23,11 +23,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
-use widget_crds::{IdentityModeSpec, SecretKeyRef, WidgetPipeline};
+use widget_crds::{IdentityModeSpec, RedisModeSpec, SecretKeyRef, WidgetPipeline};
 use widget_runtime::config::{
     CacheConfig, Config, DatabaseConfig, HttpConfig, IdentityConfig, IdentityMode, JwtConfig,
-    LocalCacheConfig, ReclaimConfig, RedisConfig, ScreenConfig, SourceConfig, StreamConfig,
-    human_duration,
+    LocalCacheConfig, ReclaimConfig, RedisConfig, RedisMode, ScreenConfig, SourceConfig,
+    StreamConfig, human_duration,
 };
 
 use crate::{Error, Result};
@@ -109,7 +109,11 @@ pub fn tenant_names(wp: &WidgetPipeline) -> (String, String) {
         .stream
         .name
         .clone()
-        .unwrap_or_else(|| format!("{scope}.widget-events"));
+        .unwrap_or_else(|| match wp.spec.redis.mode {
+            RedisModeSpec::Standalone => format!("{scope}.widget-events"),
+            // The tag keeps the stream and the keys named after it in one cluster slot.
+            RedisModeSpec::Cluster => format!("{{{scope}}}.widget-events"),
+        });
     let prefix = wp
         .spec
         .cache
@@ -216,6 +220,10 @@ pub fn runtime_config(wp: &WidgetPipeline) -> Result<Config> {
             keepalive: duration("timeouts.database.keepalive", &spec.timeouts.database.keepalive)?,
         },
         redis: RedisConfig {
+            mode: match spec.redis.mode {
+                RedisModeSpec::Standalone => RedisMode::Standalone,
+                RedisModeSpec::Cluster => RedisMode::Cluster,
+            },
             connect_timeout: duration(
                 "timeouts.redis.connectTimeout",
                 &spec.timeouts.redis.connect_timeout,

@@ -76,7 +76,7 @@ return 0
 /// Claims `config`'s names on the Redis of `con` for `owner`, replacing claims held by
 /// `stale` (a claimant known to be gone), and no other.
 pub async fn claim(
-    con: &mut redis::aio::MultiplexedConnection,
+    con: &mut widget_runtime::connect::Conn,
     config: &Config,
     owner: &Owner,
     stale: Option<&Owner>,

@@ -366,12 +366,12 @@ async fn the_probe_reads_a_tls_redis_with_its_ca_and_refuses_an_untrusted_one() 
     let redis = RedisServer::start_tls().await.expect("TLS redis starts");
     let url = redis.url();
     let ca = redis.tls_ca_pem().expect("CA").as_bytes().to_vec();
-    let mut con = probe::connect(&url, Some(&ca))
+    let mut con = probe::connect(&url, Some(&ca), Default::default())
         .await
         .expect("connects with the CA");
     let live = probe::read(&mut con, &config()).await.expect("reads");
     assert_eq!(live.stream_length, 0, "no stream yet");
-    let err = probe::connect(&url, None)
+    let err = probe::connect(&url, None, Default::default())
         .await
         .expect_err("a private CA is not in the system trust store");
     assert!(
@@ -379,4 +379,65 @@ async fn the_probe_reads_a_tls_redis_with_its_ca_and_refuses_an_untrusted_one() 
         "says why: {}",
         err.detail
     );
+}
+
+/// In cluster mode the probe reaches the stream's node through the cluster client: the figures
+/// of a stream whose slot is on one of three primaries, its dead letters beside it.
+#[tokio::test]
+async fn the_probe_reads_a_pipeline_on_a_redis_cluster() {
+    let cluster = testkit::RedisCluster::start(3, 0).await.expect("cluster");
+    let config =
+        Config::from_yaml_str("pipeline: home\nredis: {mode: cluster}\nsources: [{name: deals}]\n")
+            .expect("config");
+    let stream = config.stream_name();
+    assert_eq!(stream, "{home}.widget-events");
+    let mut con = probe::connect(&cluster.url(), None, config.redis.mode)
+        .await
+        .expect("cluster connection");
+    for i in 0..5 {
+        let _: String = con
+            .xadd(&stream, "*", &[("widget_key", format!("deals.w{i}"))])
+            .await
+            .expect("xadd");
+    }
+    let group = config.stream.consumer_group.clone();
+    let _: () = con
+        .xgroup_create(&stream, &group, "0")
+        .await
+        .expect("group");
+    let _: StreamReadReply = con
+        .xread_options(
+            &[&stream],
+            &[">"],
+            &StreamReadOptions::default()
+                .group(&group, "ingester-1")
+                .count(2),
+        )
+        .await
+        .expect("xreadgroup");
+    let _: String = con
+        .xadd(
+            config.dead_letter_stream(),
+            "*",
+            &[("reason", "undecodable")],
+        )
+        .await
+        .expect("dead letter");
+    let _: () = con
+        .hset(config.stats_key(), field::APPLIED, 9)
+        .await
+        .expect("stats");
+
+    let live = probe::probe(&cluster.url(), &config).await.expect("probe");
+    assert_eq!(
+        (
+            live.stream_length,
+            live.pending,
+            live.lag,
+            live.dead_letter_length
+        ),
+        (5, 2, Some(3), 1)
+    );
+    assert_eq!(live.applied, 9);
+    assert_eq!(live.maxmemory_policy.as_deref(), Some("noeviction"));
 }

@@ -762,3 +762,42 @@ fn read_replicas_reach_only_core_api() {
         "the ingester keeps the primary: {ingester:?}"
     );
 }
+
+#[test]
+fn redis_cluster_mode_reaches_the_runtime_config_with_a_hash_tagged_stream() {
+    let mut wp = sample();
+    assert_eq!(
+        rendered(&wp).config.redis.mode,
+        widget_runtime::config::RedisMode::Standalone
+    );
+    wp.spec.redis.mode = widget_crds::RedisModeSpec::Cluster;
+    // An explicit stream name without a hash tag is an invalid spec, said in the status.
+    wp.spec.stream.name = Some("home.widget-events".into());
+    let err = render::render(&wp, &versions()).expect_err("untagged stream in a cluster");
+    assert!(err.to_string().contains("needs a hash tag"), "{err}");
+    wp.spec.stream.name = None;
+    let r = rendered(&wp);
+    assert_eq!(
+        r.config.redis.mode,
+        widget_runtime::config::RedisMode::Cluster
+    );
+    let stream = r.config.stream_name();
+    let tag = widget_runtime::config::hash_tag(&stream).expect("tagged stream");
+    assert!(stream.starts_with(&format!("{{{tag}}}")), "{stream}");
+    assert_eq!(
+        widget_runtime::config::hash_tag(&r.config.key_prefix()),
+        None
+    );
+    let text = r
+        .config_map
+        .data
+        .as_ref()
+        .and_then(|d| d.values().next())
+        .expect("config text");
+    let parsed = widget_runtime::config::Config::from_yaml_str(text).expect("runtime parses it");
+    assert_eq!(
+        parsed.redis.mode,
+        widget_runtime::config::RedisMode::Cluster
+    );
+    assert_eq!(parsed.stream_name(), stream);
+}

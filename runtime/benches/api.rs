@@ -35,12 +35,12 @@ use axum::Router;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use testkit::{PgServer, RedisServer};
+use testkit::{PgServer, RedisCluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 use widget_runtime::admin::Readiness;
 use widget_runtime::api;
 use widget_runtime::cache::{Cache, CacheWrite};
-use widget_runtime::config::Config;
+use widget_runtime::config::{Config, RedisConfig, RedisMode};
 use widget_runtime::store::{self, Change};
 use widget_runtime::{Op, connect};
 
@@ -374,8 +374,18 @@ fn redis_benchmark(port: u16, keys: &[String], requests: u64, conns: usize) -> R
 /// The same MGET from this process through redis-rs, as core-api sends it (multiplexed
 /// connections, one per core up to 4, taken in turn; `conns` tasks each waiting for its reply
 /// before the next), with no HTTP: what the client library costs beside `redis-benchmark`.
-async fn redis_rs_mget(url: &str, keys: &[String], secs: u64, conns: usize) -> Row {
-    let client = connect::Redis::open(url, &Default::default()).expect("redis url");
+async fn redis_rs_mget(
+    url: &str,
+    mode: RedisMode,
+    keys: &[String],
+    secs: u64,
+    conns: usize,
+) -> Row {
+    let settings = RedisConfig {
+        mode,
+        ..Default::default()
+    };
+    let client = connect::Redis::open(url, &settings).expect("redis url");
     let lanes = std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4));
     let mut managers = Vec::new();
     for _ in 0..lanes {
@@ -407,8 +417,12 @@ async fn redis_rs_mget(url: &str, keys: &[String], secs: u64, conns: usize) -> R
     }
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let on = match mode {
+        RedisMode::Standalone => "",
+        RedisMode::Cluster => " (cluster)",
+    };
     Row {
-        name: format!("diagnostic: redis-rs MGET of the {} keys", keys.len()),
+        name: format!("diagnostic: redis-rs MGET of the {} keys{on}", keys.len()),
         rps: lat.len() as f64 / secs as f64,
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
@@ -425,7 +439,7 @@ async fn start_api(
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
-    let redis = redis::Client::open(redis_url).expect("redis url");
+    let redis = connect::Redis::open(redis_url, &config.redis).expect("redis url");
     let pool = connect::pg_pool(db_url, 16, &Default::default()).expect("pool");
     let (config, cancel) = (config.clone(), cancel.clone());
     tokio::spawn(async move {
@@ -474,8 +488,20 @@ fn main() {
 }
 
 async fn run(secs: u64, conns: usize) {
-    let (pg, redis) = tokio::join!(PgServer::start(), RedisServer::start());
-    let (pg, redis) = (pg.expect("postgres"), redis.expect("redis"));
+    let (pg, redis, cluster) = tokio::join!(
+        PgServer::start(),
+        RedisServer::start(),
+        RedisCluster::start(3, 0)
+    );
+    let (pg, redis, cluster) = (
+        pg.expect("postgres"),
+        redis.expect("redis"),
+        cluster.expect("redis cluster"),
+    );
+    let cluster_settings = RedisConfig {
+        mode: RedisMode::Cluster,
+        ..Default::default()
+    };
     let db_url = pg.fresh_database().await.expect("database");
     let pool = sqlx::PgPool::connect(&db_url).await.expect("connect");
     store::migrate(&store::CORE_MIGRATIONS, &pool)
@@ -516,12 +542,25 @@ async fn run(secs: u64, conns: usize) {
             })
             .collect();
         let mut conn = redis.connection().await.expect("redis");
+        let mut on_cluster = connect::Redis::open(&cluster.url(), &cluster_settings)
+            .expect("cluster url")
+            .connection()
+            .await
+            .expect("cluster");
         for part in widget_runtime::cache::write_chunks(&writes) {
             cache
-                .write_many(&mut conn, &writes[part])
+                .write_many(&mut conn, &writes[part.clone()])
                 .await
                 .expect("cache");
+            cache
+                .write_many(&mut on_cluster, &writes[part])
+                .await
+                .expect("cluster cache");
         }
+        let mut cluster_config = config(&prefix, "1h", n, false);
+        cluster_config.redis.mode = RedisMode::Cluster;
+        let on_cluster_api = start_api(&cluster_config, &cluster.url(), &db_url, &cancel).await;
+        let cluster_url = Target::Fixed(format!("http://{on_cluster_api}/v1/screens/home"));
         let with_l1 = start_api(
             &config(&prefix, "1h", n, true),
             &redis.url(),
@@ -641,12 +680,23 @@ async fn run(secs: u64, conns: usize) {
                     secs_c,
                     conns_c,
                 ),
+                // The same screen from a 3-primary cluster (its MGET split by slot): on one
+                // machine a cluster cannot be faster; the row shows what the split costs.
+                generator.run(
+                    "core-api on a 3-primary cluster, no in-process cache",
+                    &cluster_url,
+                    secs_c,
+                    conns_c,
+                ),
             ]
         })
         .await
         .expect("load generator");
         rows.extend(measured);
-        rows.push(redis_rs_mget(&redis.url(), &mget_keys, secs, conns).await);
+        rows.push(
+            redis_rs_mget(&redis.url(), RedisMode::Standalone, &mget_keys, secs, conns).await,
+        );
+        rows.push(redis_rs_mget(&cluster.url(), RedisMode::Cluster, &mget_keys, secs, conns).await);
         print_table(
             &format!("screen of {n} widgets (body {} B)", body.len()),
             &rows,

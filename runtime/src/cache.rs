@@ -139,7 +139,10 @@ impl Cache {
     }
 
     /// Writes many widgets in one atomic script call; returns per write whether it won.
-    pub async fn write_many<C: redis::aio::ConnectionLike>(
+    ///
+    /// In a cluster the writes are split by slot (cache keys carry no hash tag, so they spread
+    /// over every node) and the parts run at once: one round trip, not one per slot.
+    pub async fn write_many<C: crate::connect::Topology>(
         &self,
         conn: &mut C,
         writes: &[CacheWrite<'_>],
@@ -147,6 +150,39 @@ impl Cache {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        if !conn.is_cluster() {
+            return self.guarded_set(conn, writes.iter()).await;
+        }
+        let mut slots: std::collections::HashMap<redis::cluster_routing::Slot, Vec<usize>> =
+            Default::default();
+        for (i, w) in writes.iter().enumerate() {
+            let slot = redis::cluster_routing::Slot::for_key(self.key(w.widget_key));
+            slots.entry(slot).or_default().push(i);
+        }
+        let parts = slots.into_values().map(|part| {
+            let mut conn = conn.clone();
+            async move {
+                let won = self
+                    .guarded_set(&mut conn, part.iter().map(|&i| &writes[i]))
+                    .await?;
+                Ok::<_, redis::RedisError>((part, won))
+            }
+        });
+        let mut out = vec![false; writes.len()];
+        for (part, won) in futures::future::try_join_all(parts).await? {
+            for (i, w) in part.into_iter().zip(won) {
+                out[i] = w;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One call of the guarded script (all keys in one slot, in a cluster).
+    async fn guarded_set<'w, C: redis::aio::ConnectionLike>(
+        &self,
+        conn: &mut C,
+        writes: impl Iterator<Item = &'w CacheWrite<'w>>,
+    ) -> redis::RedisResult<Vec<bool>> {
         let mut inv = GUARDED_SET.prepare_invoke();
         for w in writes {
             inv.key(self.key(w.widget_key));

@@ -297,10 +297,32 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// What `REDIS_URL` points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    /// Redis Cluster (or a Valkey cluster): commands go to the node owning their keys' slot,
+    /// and the keys one script or transaction touches together share a hash tag.
+    Cluster,
+}
+
+/// The hash tag of a Redis key: what a cluster hashes instead of the whole key (the part
+/// between the first `{` and the next `}`, when not empty).
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let (_, rest) = key.split_once('{')?;
+    let (tag, _) = rest.split_once('}')?;
+    (!tag.is_empty()).then_some(tag)
+}
+
 /// How long a Redis connection may take for each thing it does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// One server (or a primary with replicas behind one address), or a Redis Cluster whose
+    /// nodes are found from the URL's node.
+    pub mode: RedisMode,
     /// Opening a connection (TCP and the handshake).
     #[serde(with = "human_duration")]
     pub connect_timeout: Duration,
@@ -317,6 +339,7 @@ pub struct RedisConfig {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
+            mode: RedisMode::Standalone,
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(2),
             keepalive: Duration::from_secs(30),
@@ -438,11 +461,15 @@ impl Config {
         serde_yaml::to_string(self).unwrap_or_default()
     }
 
+    /// Every key the pipeline's scripts and transactions touch together is named after the
+    /// stream (dead letters, epoch, confirmations, re-warm), so in a cluster the stream's hash
+    /// tag puts them all in one slot.
     pub fn stream_name(&self) -> String {
-        self.stream
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{}.widget-events", self.pipeline))
+        match (&self.stream.name, self.redis.mode) {
+            (Some(name), _) => name.clone(),
+            (None, RedisMode::Standalone) => format!("{}.widget-events", self.pipeline),
+            (None, RedisMode::Cluster) => format!("{{{}}}.widget-events", self.pipeline),
+        }
     }
 
     /// Where entries that cannot be applied go, with the reason.
@@ -508,6 +535,32 @@ impl Config {
         }
         if let Some(prefix) = &self.cache.key_prefix {
             check_redis_name("cache.keyPrefix", prefix)?;
+        }
+        if self.redis.mode == RedisMode::Cluster {
+            // A stream without a tag would spread its dead letters and markers over other
+            // slots (CROSSSLOT in every script); a tagged cache prefix would put every widget
+            // of the pipeline in one slot, on one node.
+            if let Some(name) = &self.stream.name
+                && hash_tag(name).is_none()
+            {
+                return Err(invalid(
+                    "stream.name",
+                    format!(
+                        "`{name}` needs a hash tag in cluster mode (e.g. `{{{}}}.widget-events`): \
+                         the keys beside the stream must share its slot",
+                        self.pipeline
+                    ),
+                ));
+            }
+            if let Some(tag) = hash_tag(&self.key_prefix()) {
+                return Err(invalid(
+                    "cache.keyPrefix",
+                    format!(
+                        "must not carry a hash tag in cluster mode (`{{{tag}}}` would put every \
+                         widget in one slot, on one node)"
+                    ),
+                ));
+            }
         }
         // Floors, not just "non-zero": below them a setting turns into a busy loop (`1ns` polls),
         // a reclaim that steals entries other replicas are still processing (min-idle 0), or
@@ -930,6 +983,54 @@ screens:
             "the in-process cache is on by default"
         );
         assert_eq!(c.local_cache.max_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn cluster_mode_tags_the_stream_and_refuses_untagged_streams_and_tagged_caches() {
+        let c = Config::from_yaml_str(
+            "pipeline: shop\nredis: {mode: cluster}\nsources: [{name: deals}]\n",
+        )
+        .expect("valid");
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        assert_eq!(c.stream_name(), "{shop}.widget-events");
+        for key in [
+            c.dead_letter_stream(),
+            c.epoch_key(),
+            c.confirmed_key("deals"),
+            c.warm_key("lock"),
+        ] {
+            assert_eq!(hash_tag(&key), Some("shop"), "{key}");
+        }
+        assert_eq!(
+            hash_tag(&c.key_prefix()),
+            None,
+            "cache keys spread over the cluster"
+        );
+        assert_eq!(
+            hash_tag("a{}b{c}"),
+            None,
+            "an empty tag is no tag: the whole key is hashed"
+        );
+
+        let untagged = "pipeline: shop\nredis: {mode: cluster}\nstream: {name: shop.events}\n\
+                        sources: [{name: deals}]\n";
+        let err = Config::from_yaml_str(untagged).expect_err("untagged stream");
+        assert!(err.to_string().contains("needs a hash tag"), "{err}");
+        let tagged_cache = "pipeline: shop\nredis: {mode: cluster}\ncache: {keyPrefix: \"{hw}:\"}\n\
+                            sources: [{name: deals}]\n";
+        let err = Config::from_yaml_str(tagged_cache).expect_err("tagged cache prefix");
+        assert!(
+            err.to_string().contains("must not carry a hash tag"),
+            "{err}"
+        );
+        // Standalone keeps today's names (no migration for existing pipelines).
+        let plain = Config::from_yaml_str(
+            untagged
+                .replace("{mode: cluster}", "{mode: standalone}")
+                .as_str(),
+        )
+        .expect("standalone takes any name");
+        assert_eq!(plain.stream_name(), "shop.events");
     }
 
     #[test]

@@ -8,13 +8,17 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisFuture};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::config::{DatabaseConfig, RedisConfig};
+use crate::config::{DatabaseConfig, RedisConfig, RedisMode};
 
 /// A Redis endpoint with the deadlines of [`RedisConfig`]: every connection made through it
 /// has them (the connection manager, blocking reads, one-off connections). A `rediss://` URL
@@ -22,7 +26,10 @@ use crate::config::{DatabaseConfig, RedisConfig};
 /// bundle given to [`Redis::open_tls`] (`REDIS_CA_FILE`) instead.
 #[derive(Clone)]
 pub struct Redis {
+    /// The URL's server (in cluster mode: the node the others are found from).
     client: Client,
+    /// In cluster mode, the client every connection is made through.
+    cluster: Option<ClusterClient>,
     settings: RedisConfig,
     /// The CA bundle (PEM) servers are verified against instead of the system's.
     ca: Option<std::sync::Arc<Vec<u8>>>,
@@ -51,10 +58,39 @@ impl Redis {
     ) -> redis::RedisResult<Redis> {
         let info = url.into_connection_info()?;
         let ca = ca_pem.map(std::sync::Arc::new);
+        let info = info.set_tcp_settings(tcp_settings(settings));
+        let cluster = match settings.mode {
+            RedisMode::Standalone => None,
+            RedisMode::Cluster => Some(cluster_client(info.clone(), settings, ca.as_deref())?),
+        };
         Ok(Redis {
-            client: client_for(info.set_tcp_settings(tcp_settings(settings)), ca.as_deref())?,
+            client: client_for(info, ca.as_deref())?,
+            cluster,
             settings: settings.clone(),
             ca,
+        })
+    }
+
+    /// True in cluster mode.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// In cluster mode, the same cluster with reads sent to replicas (`READONLY`; a slot
+    /// without a reachable replica is read from its primary): what `REDIS_READ_URL` means for
+    /// core-api in a cluster. A standalone endpoint is returned as it is: there the read URL
+    /// is the replica's own.
+    pub fn reading_replicas(self) -> redis::RedisResult<Redis> {
+        if self.cluster.is_none() {
+            return Ok(self);
+        }
+        let info = self.client.get_connection_info().clone();
+        let cluster = cluster_builder(info, &self.settings, self.ca.as_deref())
+            .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy)
+            .build()?;
+        Ok(Redis {
+            cluster: Some(cluster),
+            ..self
         })
     }
 
@@ -107,34 +143,50 @@ impl Redis {
 
     /// A reconnecting multiplexed connection for ordinary commands. Each command that meets a
     /// dead connection fails (it is not retried); the next one reconnects.
-    pub async fn manager(&self) -> redis::RedisResult<ConnectionManager> {
+    pub async fn manager(&self) -> redis::RedisResult<Conn> {
+        if let Some(cluster) = &self.cluster {
+            // The cluster connection reconnects to each node by itself, and follows MOVED and
+            // ASK and a failover by reading the slot map again.
+            return self
+                .cluster_conn(cluster, self.settings.response_timeout)
+                .await;
+        }
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
             .set_response_timeout(Some(self.settings.response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        ConnectionManager::new_with_config(self.client.clone(), cfg).await
+        ConnectionManager::new_with_config(self.client.clone(), cfg)
+            .await
+            .map(Conn::Managed)
     }
 
     /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`): its response
     /// timeout is the block time plus the ordinary response timeout, or every idle read would
     /// fail as a timeout.
-    pub async fn blocking(&self, block: Duration) -> redis::RedisResult<MultiplexedConnection> {
+    pub async fn blocking(&self, block: Duration) -> redis::RedisResult<Conn> {
         self.multiplexed(block + self.settings.response_timeout)
             .await
     }
 
     /// A plain multiplexed connection with the configured deadlines (tools, one-off checks).
-    pub async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+    pub async fn connection(&self) -> redis::RedisResult<Conn> {
         self.multiplexed(self.settings.response_timeout).await
     }
 
     /// A RESP3 connection whose push messages (client-side caching invalidations) go to
-    /// `pushes`; the library also sends a `Disconnection` push when it is lost.
+    /// `pushes`; the library also sends a `Disconnection` push when it is lost. Standalone
+    /// only: a cluster sends each node's invalidations on a connection to that node.
     pub async fn tracking(
         &self,
         pushes: impl redis::aio::AsyncPushSender,
     ) -> redis::RedisResult<MultiplexedConnection> {
+        if self.is_cluster() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "client tracking needs one connection per cluster node",
+            )));
+        }
         let info = self.client.get_connection_info().clone();
         let resp3 = info
             .redis_settings()
@@ -150,14 +202,192 @@ impl Redis {
             .await
     }
 
-    async fn multiplexed(&self, response: Duration) -> redis::RedisResult<MultiplexedConnection> {
+    async fn multiplexed(&self, response: Duration) -> redis::RedisResult<Conn> {
+        if let Some(cluster) = &self.cluster {
+            return self.cluster_conn(cluster, response).await;
+        }
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
             .set_response_timeout(Some(response));
         self.client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
+            .map(Conn::Plain)
     }
+
+    async fn cluster_conn(
+        &self,
+        cluster: &ClusterClient,
+        response: Duration,
+    ) -> redis::RedisResult<Conn> {
+        let cfg = ClusterConfig::new()
+            .set_connection_timeout(self.settings.connect_timeout)
+            .set_response_timeout(response);
+        cluster
+            .get_async_connection_with_config(cfg)
+            .await
+            .map(Conn::Cluster)
+    }
+}
+
+/// A connection to Redis in either mode; every component talks through it, so no module
+/// needs to know which mode it runs in. Commands go to the node owning their keys' slot in a
+/// cluster; a multi-key command (MGET) is split by slot and merged by the client.
+#[derive(Clone)]
+pub enum Conn {
+    /// Reconnects by itself (the components' long-lived connection).
+    Managed(ConnectionManager),
+    Plain(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conn::Managed(_) => "Conn::Managed",
+            Conn::Plain(_) => "Conn::Plain",
+            Conn::Cluster(_) => "Conn::Cluster",
+        })
+    }
+}
+
+impl Conn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
+/// Whether a connection's commands may span slots: a script or transaction over keys of
+/// several slots fails with CROSSSLOT in a cluster, so callers split it by slot there.
+pub trait Topology: ConnectionLike + Clone + Send + Sync {
+    fn is_cluster(&self) -> bool {
+        false
+    }
+}
+
+impl Topology for Conn {
+    fn is_cluster(&self) -> bool {
+        Conn::is_cluster(self)
+    }
+}
+impl Topology for MultiplexedConnection {}
+impl Topology for ConnectionManager {}
+
+impl From<MultiplexedConnection> for Conn {
+    fn from(c: MultiplexedConnection) -> Conn {
+        Conn::Plain(c)
+    }
+}
+
+impl From<ConnectionManager> for Conn {
+    fn from(c: ConnectionManager) -> Conn {
+        Conn::Managed(c)
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Managed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => Box::pin(async move {
+                match c.req_packed_commands(pipeline, offset, count).await {
+                    // A transaction that met MOVED or ASK (a failover, a resharding) is aborted
+                    // whole, and the client follows redirects of single commands only: one
+                    // single command to the same slot makes it read the slot map again, then
+                    // the transaction (which did nothing) runs once more.
+                    Err(e) if redirected(&e) => {
+                        if let Some(key) = first_key(pipeline) {
+                            let _ = c.req_packed_command(redis::cmd("EXISTS").arg(key)).await;
+                        }
+                        c.req_packed_commands(pipeline, offset, count).await
+                    }
+                    other => other,
+                }
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Managed(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+fn redirected(e: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind::{Ask, Moved};
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|(_, err)| matches!(err.kind(), Some(Moved | Ask)))
+    })
+}
+
+/// The key of the pipeline's first command that has one (every command of a pipeline sent to
+/// a cluster is in one slot).
+fn first_key(pipeline: &redis::Pipeline) -> Option<Vec<u8>> {
+    pipeline.cmd_iter().find_map(|cmd| {
+        let mut args = cmd.args_iter().filter_map(|a| match a {
+            redis::Arg::Simple(a) => Some(a),
+            _ => None,
+        });
+        let name = args.next()?;
+        // The commands this system pipelines all take their key first (XADD, XACK, SADD,
+        // HINCRBY, HSET); MULTI and EXEC take none.
+        (!name.eq_ignore_ascii_case(b"MULTI") && !name.eq_ignore_ascii_case(b"EXEC"))
+            .then(|| args.next().map(<[u8]>::to_vec))
+            .flatten()
+    })
+}
+
+/// The cluster client of the node `info` names: the other nodes come from its slot map; the
+/// credentials, TLS and TCP settings of the URL apply to every node.
+fn cluster_client(
+    info: redis::ConnectionInfo,
+    settings: &RedisConfig,
+    ca: Option<&Vec<u8>>,
+) -> redis::RedisResult<ClusterClient> {
+    cluster_builder(info, settings, ca).build()
+}
+
+fn cluster_builder(
+    info: redis::ConnectionInfo,
+    settings: &RedisConfig,
+    ca: Option<&Vec<u8>>,
+) -> ClusterClientBuilder {
+    let tcp = tcp_settings(settings);
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let mut builder = ClusterClientBuilder::new(vec![info])
+        .connection_timeout(settings.connect_timeout)
+        .response_timeout(settings.response_timeout)
+        // A redirect after a resharding or a failover is retried within the overall deadline
+        // of twice the response timeout, not cut off by the first attempt's.
+        .overall_response_timeout(Some(settings.response_timeout * 2))
+        .retries(3)
+        .tcp_settings(tcp);
+    if let (Some(pem), true) = (ca, tls) {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        });
+    }
+    builder
 }
 
 /// The file whose CA bundle (PEM) `rediss://` servers are verified against, instead of the
@@ -206,6 +436,7 @@ impl From<Client> for Redis {
             .set_tcp_settings(tcp_settings(&settings));
         Redis {
             client: Client::open(info).unwrap_or(client),
+            cluster: None,
             settings,
             ca: None,
         }

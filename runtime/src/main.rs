@@ -351,9 +351,12 @@ async fn main() -> anyhow::Result<()> {
                 primary: connect::redis_from_env("REDIS_URL", &args.redis_url, &config.redis)
                     .await?,
                 read: match args.redis_read_url.as_deref().filter(|u| !u.is_empty()) {
-                    Some(url) => {
-                        Some(connect::redis_from_env("REDIS_READ_URL", url, &config.redis).await?)
-                    }
+                    Some(url) => Some(
+                        connect::redis_from_env("REDIS_READ_URL", url, &config.redis)
+                            .await?
+                            .reading_replicas()
+                            .context("invalid REDIS_READ_URL")?,
+                    ),
                     None => None,
                 },
             };

@@ -192,7 +192,7 @@ impl Stats {
     /// Flushes every `interval` until cancelled, then once more.
     pub async fn run_flusher(
         &self,
-        mut conn: redis::aio::ConnectionManager,
+        mut conn: crate::connect::Conn,
         stats_key: String,
         interval: Duration,
         cancel: CancellationToken,

@@ -12,7 +12,13 @@ pub enum LogFormat {
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` level. Tools whose
 /// standard output is their result (`widgets`, `dead-letters`) log to standard error.
 pub fn init(format: LogFormat, to_stderr: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // redis-rs' cluster client logs every reconnect attempt to a failed node at warn, several
+    // a millisecond until the failover; the components log the failure itself once.
+    let asked_for_redis = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("redis"));
+    if !asked_for_redis && let Ok(quiet) = "redis::cluster_handling=error".parse() {
+        filter = filter.add_directive(quiet);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true);

@@ -19,13 +19,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{self, Cache, CacheWrite};
 use crate::config::Config;
-use crate::connect::{self, Deadline};
+use crate::connect::{self, Conn, Deadline};
 use crate::durability;
 use crate::stats::{self, Stats};
 
@@ -142,7 +141,7 @@ impl Warmer {
             tracing::info!("cache re-warm is off (cache.warmRate: 0)");
             return;
         }
-        let mut conn: Option<ConnectionManager> = None;
+        let mut conn: Option<Conn> = None;
         let mut epoch: Option<String> = None;
         let mut failures = 0u32;
         while !cancel.is_cancelled() {
@@ -173,7 +172,7 @@ impl Warmer {
 
     async fn step(
         &self,
-        conn: &mut Option<ConnectionManager>,
+        conn: &mut Option<Conn>,
         epoch: &mut Option<String>,
         cancel: &CancellationToken,
     ) -> Result<(), WarmError> {
@@ -213,11 +212,7 @@ impl Warmer {
         result
     }
 
-    async fn epoch(
-        &self,
-        c: &mut ConnectionManager,
-        known: Option<&str>,
-    ) -> Result<String, WarmError> {
+    async fn epoch(&self, c: &mut Conn, known: Option<&str>) -> Result<String, WarmError> {
         let e =
             durability::ensure_epoch(c, &self.epoch_key, &self.stream, &self.group, known).await?;
         Ok(e.id)
@@ -233,7 +228,7 @@ impl Warmer {
     /// lock is lost or `cancel` fires.
     async fn warm(
         &self,
-        c: &mut ConnectionManager,
+        c: &mut Conn,
         epoch: &str,
         cancel: &CancellationToken,
     ) -> Result<(), WarmError> {

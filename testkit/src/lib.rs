@@ -877,6 +877,310 @@ impl Drop for RedisServer {
     }
 }
 
+/// A private Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each
+/// (`redis-cli --cluster create`), every node a [`RedisServer`] that can be killed, paused and
+/// started again. A node missing for more than a second is failed over by its replica.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// A cluster node's view of itself, from `CLUSTER NODES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub port: u16,
+    pub primary: bool,
+    /// Slot ranges this primary serves (empty for a replica).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    pub async fn start(primaries: usize, replicas: usize) -> Result<Self> {
+        let cli = which("redis-cli").ok_or(Error::Missing {
+            binary: "redis-cli",
+            install: "apt-get update && apt-get install -y redis-tools",
+        })?;
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            let bus = free_port()?.to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus,
+                // Failover within about two seconds of a primary's loss, and by any replica
+                // however long it was cut off (tests make replicas miss writes on purpose).
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+            ];
+            nodes.push(RedisServer::start_with(&args).await?);
+        }
+        let mut create = Command::new(cli);
+        create.args(["--cluster", "create"]);
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("run redis-cli --cluster create"))?;
+        if !out.status.success() {
+            return Err(Error::Io(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// The URL of one node (a cluster client finds the others from it).
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// Every node's URL, for clients that take a list of seeds.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The node on `port`, to kill, pause or start again.
+    pub fn node_mut(&mut self, port: u16) -> Option<&mut RedisServer> {
+        self.nodes.iter_mut().find(|n| n.port() == port)
+    }
+
+    /// Waits until every running node sees the cluster as ok: all slots served, every node
+    /// known, no node failed.
+    pub async fn wait_ok(&self, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        let running: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(RedisServer::port)
+            .collect();
+        while start.elapsed() < limit {
+            let mut ok = true;
+            for port in &running {
+                match cluster_info(*port).await {
+                    Ok(info)
+                        if info_field(&info, "cluster_state") == Some("ok")
+                            && info_field(&info, "cluster_slots_ok") == Some("16384")
+                            && info_field(&info, "cluster_slots_fail") == Some("0")
+                            && info_field(&info, "cluster_slots_pfail") == Some("0") => {}
+                    _ => ok = false,
+                }
+                if ok && let Ok(nodes) = self.topology_from(*port).await {
+                    // Every running node must be known as up by this one, and a replica
+                    // synced with its primary (clients leave out replicas still loading).
+                    ok = running.iter().all(|p| nodes.iter().any(|n| n.port == *p));
+                    if ok && nodes.iter().any(|n| n.port == *port && !n.primary) {
+                        ok = info_replication(*port).await.is_ok_and(|i| {
+                            info_field(&i, "master_link_status") == Some("up")
+                                && info_field(&i, "master_sync_in_progress") == Some("0")
+                        });
+                    }
+                }
+            }
+            if ok {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Error::NotReady {
+            what: "redis cluster",
+            secs: limit.as_secs(),
+            log: self
+                .nodes
+                .iter()
+                .map(|n| format!("node {}:\n{}", n.port(), tail(&n.log_path())))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        })
+    }
+
+    /// Waits until `CLUSTER SLOTS` lists `replicas` replicas for every slot range, which is
+    /// what clients reading from replicas go by. Redis leaves out a replica that has not
+    /// replicated anything yet, so on a fresh cluster this needs a write to every primary.
+    pub async fn wait_replicas_listed(&self, replicas: usize, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let mut conn = plain_connection(self.running_port()?).await?;
+            let slots: redis::RedisResult<Vec<Vec<redis::Value>>> = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut conn)
+                .await;
+            // Each range: start, end, the primary, then its replicas.
+            if let Ok(ranges) = slots
+                && !ranges.is_empty()
+                && ranges.iter().all(|r| r.len() >= 3 + replicas)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Error::NotReady {
+            what: "redis cluster replicas in CLUSTER SLOTS",
+            secs: limit.as_secs(),
+            log: String::new(),
+        })
+    }
+
+    /// The nodes that are up, as a running node sees them.
+    pub async fn topology(&self) -> Result<Vec<ClusterNode>> {
+        let mut last = Error::Io("no node is running".into());
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            match self.topology_from(n.port()).await {
+                Ok(t) => return Ok(t),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn topology_from(&self, port: u16) -> Result<Vec<ClusterNode>> {
+        let mut conn = plain_connection(port).await?;
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::Io(format!("CLUSTER NODES on {port}: {e}")))?;
+        Ok(parse_cluster_nodes(&text))
+    }
+
+    /// The primary serving the slot of `key`.
+    pub async fn primary_for(&self, key: &str) -> Result<u16> {
+        let mut conn = plain_connection(self.running_port()?).await?;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::Io(format!("CLUSTER KEYSLOT: {e}")))?;
+        self.topology()
+            .await?
+            .into_iter()
+            .find(|n| {
+                n.primary
+                    && n.slots
+                        .iter()
+                        .any(|(a, b)| i64::from(*a) <= slot && slot <= i64::from(*b))
+            })
+            .map(|n| n.port)
+            .ok_or_else(|| Error::Io(format!("no primary serves slot {slot}")))
+    }
+
+    /// SIGKILLs the primary on `port` (its data is gone) and waits until one of its replicas
+    /// has taken over all of its slots, by the cluster's own failover; returns that replica's
+    /// port. The killed node stays down until [`RedisServer::start_again`] on
+    /// [`RedisCluster::node_mut`] (it then rejoins as a replica).
+    pub async fn kill_primary(&mut self, port: u16, limit: Duration) -> Result<u16> {
+        let slots = self
+            .topology()
+            .await?
+            .into_iter()
+            .find(|n| n.port == port && n.primary)
+            .map(|n| n.slots)
+            .ok_or_else(|| Error::Io(format!("{port} is not a primary")))?;
+        let node = self
+            .node_mut(port)
+            .ok_or_else(|| Error::Io(format!("no node on {port}")))?;
+        node.kill().await;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(nodes) = self.topology().await
+                && let Some(new) = nodes.iter().find(|n| {
+                    n.port != port && n.primary && slots.iter().all(|s| n.slots.contains(s))
+                })
+            {
+                return Ok(new.port);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Error::NotReady {
+            what: "redis cluster failover",
+            secs: limit.as_secs(),
+            log: self
+                .nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .map(|n| format!("node {}:\n{}", n.port(), tail(&n.log_path())))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        })
+    }
+
+    fn running_port(&self) -> Result<u16> {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .map(RedisServer::port)
+            .ok_or_else(|| Error::Io("no node is running".into()))
+    }
+}
+
+async fn plain_connection(port: u16) -> Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .map_err(|e| Error::Io(format!("redis url: {e}")))?;
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| Error::Io(format!("redis connect to {port}: {e}")))
+}
+
+async fn cluster_info(port: u16) -> Result<String> {
+    let mut conn = plain_connection(port).await?;
+    redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| Error::Io(format!("CLUSTER INFO on {port}: {e}")))
+}
+
+/// The nodes `CLUSTER NODES` lists as connected and not failed.
+fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let addr = f.get(1)?;
+            let flags = f.get(2)?;
+            if flags.contains("fail") || f.get(7) != Some(&"connected") {
+                return None;
+            }
+            let port = addr
+                .split(['@', ','])
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let slots = f[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .filter_map(|s| match s.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => s.parse().ok().map(|a| (a, a)),
+                })
+                .collect();
+            Some(ClusterNode {
+                port,
+                primary: flags.contains("master"),
+                slots,
+            })
+        })
+        .collect()
+}
+
 async fn info_replication(port: u16) -> Result<String> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
         .map_err(|e| Error::Io(format!("redis url: {e}")))?;
@@ -1014,6 +1318,53 @@ mod tests {
             .await
             .expect("start");
         assert_eq!(config_get(&r, "save").await, "");
+    }
+
+    #[tokio::test]
+    async fn redis_cluster_serves_every_slot_and_a_replica_takes_over_a_killed_primary() {
+        let mut cluster = RedisCluster::start(3, 1).await.expect("start cluster");
+        let nodes = cluster.topology().await.expect("topology");
+        let primaries: Vec<&ClusterNode> = nodes.iter().filter(|n| n.primary).collect();
+        assert_eq!((nodes.len(), primaries.len()), (6, 3), "{nodes:?}");
+        let served: u32 = primaries
+            .iter()
+            .flat_map(|n| &n.slots)
+            .map(|(a, b)| u32::from(b - a) + 1)
+            .sum();
+        assert_eq!(served, 16384);
+
+        let key = "testkit-key";
+        let owner = cluster.primary_for(key).await.expect("owner");
+        let mut conn = plain_connection(owner).await.expect("conn");
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("v")
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        let new = cluster
+            .kill_primary(owner, Duration::from_secs(20))
+            .await
+            .expect("failover");
+        assert_ne!(new, owner);
+        assert_eq!(cluster.primary_for(key).await.expect("new owner"), new);
+        // The replica had the write (replicated before the kill, as the test waited for the
+        // failover only).
+        cluster
+            .node_mut(owner)
+            .expect("node")
+            .start_again()
+            .await
+            .expect("restart");
+        cluster
+            .wait_ok(Duration::from_secs(20))
+            .await
+            .expect("ok again");
+        let back = cluster.topology().await.expect("topology");
+        assert!(
+            back.iter().any(|n| n.port == owner && !n.primary),
+            "the old primary rejoins as a replica: {back:?}"
+        );
     }
 
     #[tokio::test]

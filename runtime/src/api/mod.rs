@@ -32,14 +32,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, Readiness};
 use crate::cache::{Cache, CacheWrite};
 use crate::config::{Config, ScreenConfig, USER_PLACEHOLDER};
-use crate::connect;
+use crate::connect::{self, Conn};
 use crate::stats::{self, Stats};
 
 pub use breaker::{Breaker, State as CircuitState};
@@ -157,7 +156,7 @@ pub struct Shared {
 impl Shared {
     /// A connection that takes writes, opened on first use (so the API starts while Redis is
     /// down).
-    async fn redis_conn(&self) -> redis::RedisResult<ConnectionManager> {
+    async fn redis_conn(&self) -> redis::RedisResult<Conn> {
         let lane = self.write_lane();
         lane.conn.get(&lane.endpoint).await
     }
@@ -182,7 +181,7 @@ impl Shared {
     /// calls and no reply at all for [`SHARED_DEAD_AFTER`]).
     async fn redis_call<T, F, Fut>(self: &Arc<Self>, call: F) -> Result<T, String>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
         T: Send + 'static,
     {
@@ -198,7 +197,7 @@ impl Shared {
         call: F,
     ) -> Result<T, String>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>> + Send + 'static,
         T: Send + 'static,
     {
@@ -421,24 +420,60 @@ impl From<redis::Client> for RedisEndpoints {
 }
 
 /// A Redis connection opened on first use and replaced when found dead.
+#[derive(Default, Clone)]
+struct ConnSlot(Arc<std::sync::Mutex<SlotState>>);
+
 #[derive(Default)]
-struct ConnSlot(std::sync::Mutex<Option<ConnectionManager>>);
+enum SlotState {
+    #[default]
+    Empty,
+    /// One connect runs on its own task, with the configured connect timeout: a request
+    /// that stops waiting (its budget is shorter) must not abandon it, or on a slow host no
+    /// connect would ever finish within a request's budget and the slot would stay empty.
+    Connecting(futures::future::Shared<futures::future::BoxFuture<'static, Result<Conn, String>>>),
+    Ready(Conn),
+}
 
 impl ConnSlot {
-    async fn get(&self, redis: &connect::Redis) -> redis::RedisResult<ConnectionManager> {
-        if let Some(c) = self.0.lock().ok().and_then(|g| g.clone()) {
-            return Ok(c);
-        }
-        let made = redis.manager().await?;
-        match self.0.lock() {
-            Ok(mut g) => Ok(g.get_or_insert(made).clone()),
-            Err(_) => Ok(made),
-        }
+    async fn get(&self, redis: &connect::Redis) -> redis::RedisResult<Conn> {
+        use futures::FutureExt;
+        let pending = {
+            let Ok(mut state) = self.0.lock() else {
+                return redis.manager().await;
+            };
+            match &*state {
+                SlotState::Ready(c) => return Ok(c.clone()),
+                SlotState::Connecting(f) => f.clone(),
+                SlotState::Empty => {
+                    let (slot, redis) = (self.clone(), redis.clone());
+                    let task = tokio::spawn(async move {
+                        let made = redis.manager().await;
+                        if let Ok(mut state) = slot.0.lock()
+                            && matches!(*state, SlotState::Connecting(_))
+                        {
+                            *state = match &made {
+                                Ok(c) => SlotState::Ready(c.clone()),
+                                Err(_) => SlotState::Empty,
+                            };
+                        }
+                        made.map_err(|e| e.to_string())
+                    });
+                    let f = async move { task.await.map_err(|e| e.to_string())? }
+                        .boxed()
+                        .shared();
+                    *state = SlotState::Connecting(f.clone());
+                    f
+                }
+            }
+        };
+        pending
+            .await
+            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "connecting", e)))
     }
 
     fn reset(&self) {
         if let Ok(mut g) = self.0.lock() {
-            *g = None;
+            *g = SlotState::Empty;
         }
     }
 }
@@ -519,8 +554,16 @@ impl ApiState {
                 .iter()
                 .flat_map(|s| s.widgets.iter().map(String::as_str)),
         );
+        // Invalidations come from each cluster node on a connection of its own, which the
+        // tracking connection is not yet: in a cluster the cache stays off rather than stale.
+        let local_on = settings.local_cache.enabled && !redis.is_cluster();
+        if settings.local_cache.enabled && !local_on {
+            tracing::warn!(
+                "local cache off: Redis Cluster mode has no invalidation tracking yet; every read goes to Redis"
+            );
+        }
         let local = Arc::new(local_cache::LocalCache::new(
-            settings.local_cache.enabled,
+            local_on,
             settings.local_cache.max_bytes,
             &settings.key_prefix,
             settings.absent_ttl,
@@ -659,7 +702,7 @@ impl CoreApi {
                 breaker::run_prober(b, interval, || s.ping(store), || s.update_readiness(), c).await
             })
         });
-        if shared.settings.local_cache.enabled {
+        if shared.local.enabled() {
             tracing::info!(
                 max_bytes = shared.settings.local_cache.max_bytes,
                 "local cache on, kept coherent by Redis invalidations"

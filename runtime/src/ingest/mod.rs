@@ -21,15 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::connect::{self, Conn};
+use crate::retry;
 use crate::stats::{self, Stats};
-use crate::{connect, retry};
 
 pub use batch::is_data_error;
 use dead_letter::DeadLetter;
@@ -262,7 +262,7 @@ enum Halt {
 /// Connections and the bookkeeping of failed attempts.
 pub(super) struct Links {
     client: connect::Redis,
-    manager: Option<ConnectionManager>,
+    manager: Option<Conn>,
     readiness: Readiness,
     metrics: IngestMetrics,
     failures: u32,
@@ -281,7 +281,7 @@ impl Links {
         }
     }
 
-    async fn manager(&mut self) -> redis::RedisResult<ConnectionManager> {
+    async fn manager(&mut self) -> redis::RedisResult<Conn> {
         if let Some(m) = &self.manager {
             return Ok(m.clone());
         }
@@ -336,7 +336,7 @@ impl Links {
         mut step: F,
     ) -> Result<T, Halt>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         loop {
@@ -420,7 +420,7 @@ struct Worker {
 /// The reading side: its own connection (a blocking XREADGROUP must not hold up the other
 /// commands) and the page size.
 struct Reader {
-    blocking: Option<MultiplexedConnection>,
+    blocking: Option<Conn>,
     /// Entries asked for per read or claim page: halved while pages time out (a few huge
     /// entries), so the entry at fault is isolated and the rest flow; grows back after.
     page_count: usize,

@@ -20,7 +20,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
@@ -28,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Readiness;
 use crate::config::{Config, SourceConfig, quote_identifier};
-use crate::connect::{self, Deadline};
+use crate::connect::{self, Conn, Deadline};
 use crate::durability::{self, Epoch};
 use crate::event::Op;
 use crate::retry;
@@ -350,7 +349,7 @@ impl OutboxWorker {
                 }
             }),
         ];
-        let mut conn: Option<ConnectionManager> = None;
+        let mut conn: Option<Conn> = None;
         let mut failures: u32 = 0;
         while !cancel.is_cancelled() {
             let started = Instant::now();
@@ -427,10 +426,7 @@ impl OutboxWorker {
     }
 
     /// One relay step: epoch check (and replay), back-pressure check, claim, XADD, mark.
-    pub async fn relay_once(
-        &self,
-        conn: &mut Option<ConnectionManager>,
-    ) -> Result<Relayed, WorkerError> {
+    pub async fn relay_once(&self, conn: &mut Option<Conn>) -> Result<Relayed, WorkerError> {
         let redis = match conn {
             Some(c) => c,
             None => match self.redis.manager().await {
@@ -718,7 +714,7 @@ impl OutboxWorker {
     /// Returns how many entries the group has not finished (unread + pending), and trims
     /// history the group has already consumed once the stream is longer than `maxLength`.
     /// Nothing unread or pending is ever trimmed.
-    async fn guard_stream_length(&self, redis: &mut ConnectionManager) -> redis::RedisResult<u64> {
+    async fn guard_stream_length(&self, redis: &mut Conn) -> redis::RedisResult<u64> {
         let s = &self.settings;
         let (len, groups): (u64, redis::Value) = redis::pipe()
             .cmd("XLEN")
@@ -853,7 +849,7 @@ const REFUSALS_BEFORE_MOVE: u32 = 3;
 
 /// Whether Redis answers at all (a PING, once more after a reconnect): tells "this entry is
 /// refused" from "Redis is down".
-async fn redis_answers(redis: &mut ConnectionManager) -> bool {
+async fn redis_answers(redis: &mut Conn) -> bool {
     for _ in 0..2 {
         if redis::cmd("PING")
             .query_async::<String>(&mut *redis)
@@ -1054,7 +1050,7 @@ async fn sweep_loop(
     let source = settings.source.name.clone();
     let (retention, cap) = (settings.source.retention, settings.source.max_retained_rows);
     let d = settings.db_deadline;
-    let mut redis: Option<ConnectionManager> = None;
+    let mut redis: Option<Conn> = None;
     let mut capped_sweeps = 0u64;
     // The cap stays reported for a while after it last deleted rows, so a status read every
     // few minutes still sees it.
@@ -1234,7 +1230,7 @@ async fn confirm_loop(
              ORDER BY o.id FOR UPDATE OF o)"
     );
     let key = settings.confirmed_key.clone();
-    let mut conn: Option<ConnectionManager> = None;
+    let mut conn: Option<Conn> = None;
     let mut failures = 0u32;
     loop {
         let pass = async {

@@ -96,7 +96,7 @@ impl Stack {
 
 /// Every entry of a stream as (id, field map).
 pub async fn read_stream(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut impl redis::aio::ConnectionLike,
     stream: &str,
 ) -> Vec<(String, std::collections::HashMap<String, redis::Value>)> {
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")

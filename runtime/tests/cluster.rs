@@ -1,0 +1,452 @@
+//! Redis Cluster: the whole pipeline (the real `widget-runtime dev` process: worker, ingester,
+//! core-api) on a private 3-primary cluster with a replica each. Screens whose keys live on
+//! every primary are served in one request, dead letters work (the stream's hash tag keeps
+//! every script single-slot), and a primary killed under load is failed over by its replica
+//! with nothing lost.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use support::{Stack, http_get, read_stream};
+use testkit::{RedisCluster, eventually};
+use widget_runtime::cache::{Cache, Cached, decode_value};
+use widget_runtime::config::{RedisConfig, RedisMode};
+use widget_runtime::connect::Conn;
+use widget_runtime::{Outbox, WidgetEvent};
+
+const KEYS: usize = 24;
+
+fn keys() -> Vec<String> {
+    (0..KEYS).map(|i| format!("deals.k-{i}")).collect()
+}
+
+fn config() -> String {
+    let list = keys()
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+pipeline: clu
+redis: {{mode: cluster}}
+stream: {{maxLength: 100000}}
+reclaim: {{minIdle: 500ms, interval: 300ms, maxDeliveries: 3}}
+sources:
+  - {{name: deals, batchSize: 100, pollInterval: 50ms}}
+screens:
+  - {{name: home, widgets: [{list}]}}
+"#
+    )
+}
+
+async fn cluster_conn(url: &str) -> Conn {
+    let settings = RedisConfig {
+        mode: RedisMode::Cluster,
+        ..Default::default()
+    };
+    widget_runtime::connect::Redis::open(url, &settings)
+        .expect("url")
+        .connection()
+        .await
+        .expect("cluster connection")
+}
+
+fn dev(
+    stack: &Stack,
+    redis_url: &str,
+    dir: &tempfile::TempDir,
+    listen: &str,
+) -> tokio::process::Child {
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, stack.config.to_yaml()).expect("config");
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+        .args(["dev", "--listen", listen, "--config"])
+        .arg(&path)
+        .env("REDIS_URL", redis_url)
+        .env("CORE_DATABASE_URL", &stack.core_url)
+        .env("SOURCE_DATABASE_URL", &stack.product_url)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start dev")
+}
+
+/// Commits one version of each of `keys` in one transaction.
+async fn commit(product: &sqlx::PgPool, keys: &[String], version: i64) {
+    let events: Vec<WidgetEvent> = keys
+        .iter()
+        .map(|k| WidgetEvent::upsert(k, "card", version, serde_json::json!({"v": version})))
+        .collect();
+    let mut tx = product.begin().await.expect("begin");
+    Outbox::enqueue_all(&mut tx, &events)
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+}
+
+/// Whether Postgres, the cluster's cache and the API all hold `want` for every key.
+async fn everywhere(
+    stack: &Stack,
+    core: &sqlx::PgPool,
+    conn: &mut Conn,
+    listen: &str,
+    want: &BTreeMap<String, i64>,
+) -> Result<(), String> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT widget_key, data_version FROM widgets WHERE widget_key = ANY($1)")
+            .bind(want.keys().cloned().collect::<Vec<_>>())
+            .fetch_all(core)
+            .await
+            .map_err(|e| e.to_string())?;
+    let db: BTreeMap<String, i64> = rows.into_iter().collect();
+    if &db != want {
+        return Err(format!("postgres {db:?}"));
+    }
+    let cache = Cache::new(stack.config.key_prefix());
+    let names: Vec<&str> = want.keys().map(String::as_str).collect();
+    // MGET over keys of every slot: the cluster client splits and merges it.
+    let values = cache
+        .get_many(conn, &names)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (key, raw) in names.iter().zip(values) {
+        match raw.as_deref().and_then(decode_value) {
+            Some(Cached::Widget { version, .. }) if version == want[*key] => {}
+            other => return Err(format!("cache {key}: {other:?}")),
+        }
+    }
+    let r = http_get(listen, "/v1/screens/home", &[])
+        .await
+        .ok_or("no answer")?;
+    let served: Vec<(String, i64)> = r.json()["widgets"]
+        .as_array()
+        .ok_or("no widgets")?
+        .iter()
+        .filter_map(|w| Some((w["key"].as_str()?.to_string(), w["version"].as_i64()?)))
+        .collect();
+    let expected: Vec<(String, i64)> = keys().into_iter().map(|k| (k.clone(), want[&k])).collect();
+    if served != expected || r.header("x-widget-source") != Some("cache") {
+        return Err(format!(
+            "api {:?} from {:?}",
+            served,
+            r.header("x-widget-source")
+        ));
+    }
+    Ok(())
+}
+
+/// Polls [`everywhere`] until it holds, or returns its last complaint after `limit`.
+async fn settles(
+    stack: &Stack,
+    core: &sqlx::PgPool,
+    conn: &mut Conn,
+    listen: &str,
+    want: &BTreeMap<String, i64>,
+    limit: Duration,
+) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    loop {
+        match everywhere(stack, core, conn, listen, want).await {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() > limit => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_serves_screens_across_every_primary_and_dead_letters_without_crossslot() {
+    let stack = Stack::with_config(&config()).await;
+    assert_eq!(stack.config.stream_name(), "{clu}.widget-events");
+    let cluster = RedisCluster::start(3, 1).await.expect("cluster");
+    let cache = Cache::new(stack.config.key_prefix());
+    let mut owners = HashSet::new();
+    for k in keys() {
+        owners.insert(cluster.primary_for(&cache.key(&k)).await.expect("owner"));
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "the screen's widgets live on all three primaries"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let mut child = dev(&stack, &cluster.url(), &dir, &listen);
+    assert!(
+        support::wait_ready(&listen).await,
+        "dev is ready on the cluster"
+    );
+
+    let product = stack.pool(&stack.product_url).await;
+    let core = stack.pool(&stack.core_url).await;
+    for version in 1..=3 {
+        commit(&product, &keys(), version).await;
+    }
+    // A malformed entry, straight into the stream.
+    let mut conn = cluster_conn(&cluster.url()).await;
+    let stream = stack.config.stream_name();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("garbage")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .expect("xadd");
+
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 3)).collect();
+    let held = settles(
+        &stack,
+        &core,
+        &mut conn,
+        &listen,
+        &want,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        held,
+        Ok(()),
+        "every key at v3 in Postgres, the cache and the API"
+    );
+
+    let dead = eventually(Duration::from_secs(20), || {
+        let mut conn = conn.clone();
+        let dead_stream = stack.config.dead_letter_stream();
+        async move {
+            let dead = read_stream(&mut conn, &dead_stream).await;
+            (!dead.is_empty()).then_some(dead)
+        }
+    })
+    .await
+    .expect("the malformed entry is dead-lettered");
+    assert_eq!(dead.len(), 1);
+    assert!(!support::field_str(&dead[0].1, "reason").is_empty());
+    // The stream, its dead letters, epoch and confirmations share the stream's slot (the
+    // confirmation set is emptied as the worker deletes confirmed rows: only its slot counts).
+    let stream_owner = cluster.primary_for(&stream).await.expect("owner");
+    for (key, kept) in [
+        (stack.config.dead_letter_stream(), true),
+        (stack.config.epoch_key(), true),
+        (stack.config.confirmed_key("deals"), false),
+    ] {
+        assert_eq!(
+            cluster.primary_for(&key).await.expect("owner"),
+            stream_owner,
+            "{key}"
+        );
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        assert!(exists || !kept, "{key} is written");
+    }
+    let left = eventually(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
+            .fetch_one(&product)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(
+        left.is_some(),
+        "every relayed row was confirmed through the cluster and deleted"
+    );
+    let _ = child.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_load_is_failed_over_and_nothing_is_lost() {
+    let stack = Stack::with_config(&config()).await;
+    let mut cluster = RedisCluster::start(3, 1).await.expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let mut child = dev(&stack, &cluster.url(), &dir, &listen);
+    assert!(
+        support::wait_ready(&listen).await,
+        "dev is ready on the cluster"
+    );
+
+    // Writes go on throughout: one version of every key each 20 ms.
+    let product = stack.pool(&stack.product_url).await;
+    let writer = {
+        let product = product.clone();
+        tokio::spawn(async move {
+            let mut version = 0;
+            let stop = tokio::time::Instant::now() + Duration::from_secs(8);
+            while tokio::time::Instant::now() < stop {
+                version += 1;
+                commit(&product, &keys(), version).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            version
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The worst node to lose: the one holding the stream, its markers and confirmations.
+    let stream_owner = cluster
+        .primary_for(&stack.config.stream_name())
+        .await
+        .expect("owner");
+    let promoted = cluster
+        .kill_primary(stream_owner, Duration::from_secs(30))
+        .await
+        .expect("the replica takes over");
+    assert_ne!(promoted, stream_owner);
+    let last = writer.await.expect("writer");
+    assert!(last > 50, "writes went on: {last} versions");
+
+    let core = stack.pool(&stack.core_url).await;
+    let mut conn = cluster_conn(&cluster.url()).await;
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, last)).collect();
+    let held = settles(
+        &stack,
+        &core,
+        &mut conn,
+        &listen,
+        &want,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        held,
+        Ok(()),
+        "after the failover every key ends at v{last} everywhere"
+    );
+    // Nothing left behind: every relayed row was confirmed and deleted.
+    let left = eventually(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
+            .fetch_one(&product)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "the outbox drains");
+    let _ = child.kill().await;
+}
+
+/// `REDIS_READ_URL` in cluster mode: core-api's cache reads go to the replicas (READONLY), a
+/// write to a primary is served once it has replicated, and no MGET reaches a primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_reads_go_to_the_replicas_when_asked() {
+    let stack = Stack::with_config(&config()).await;
+    let cluster = RedisCluster::start(3, 1).await.expect("cluster");
+    let settings = RedisConfig {
+        mode: RedisMode::Cluster,
+        ..Default::default()
+    };
+    let primary = widget_runtime::connect::Redis::open(&cluster.url(), &settings).expect("url");
+    let read = primary.clone().reading_replicas().expect("replica reads");
+    let conn = cluster_conn(&cluster.url()).await;
+    let cache = Cache::new(stack.config.key_prefix());
+    let write = |version: i64| {
+        let (cache, mut conn) = (cache.clone(), conn.clone());
+        async move {
+            let jsons: Vec<(String, Vec<u8>)> = keys()
+                .into_iter()
+                .map(|k| {
+                    let json = widget_runtime::cache::widget_json(&k, "card", version, b"{}");
+                    (k, json)
+                })
+                .collect();
+            let writes: Vec<widget_runtime::cache::CacheWrite<'_>> = jsons
+                .iter()
+                .map(|(k, j)| widget_runtime::cache::CacheWrite {
+                    widget_key: k,
+                    version,
+                    json: Some(j),
+                    ttl: Duration::from_secs(3600),
+                })
+                .collect();
+            cache.write_many(&mut conn, &writes).await.expect("write")
+        }
+    };
+    assert!(
+        write(1).await.iter().all(|w| *w),
+        "written to the primaries"
+    );
+    // Clients learn replicas from CLUSTER SLOTS, which lists them once they replicated.
+    cluster
+        .wait_replicas_listed(1, Duration::from_secs(20))
+        .await
+        .expect("replicas listed");
+    let api = support::start_api_with(
+        &stack,
+        widget_runtime::api::RedisEndpoints {
+            primary,
+            read: Some(read),
+        },
+    )
+    .await;
+    let served = |version: i64| {
+        let addr = api.addr.clone();
+        async move {
+            let r = http_get(&addr, "/v1/screens/home", &[]).await?;
+            let versions: Vec<i64> = r.json()["widgets"]
+                .as_array()?
+                .iter()
+                .filter_map(|w| w["version"].as_i64())
+                .collect();
+            (versions == vec![version; KEYS] && r.header("x-widget-source") == Some("cache"))
+                .then_some(())
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || served(1))
+            .await
+            .is_some(),
+        "v1 from the replicas"
+    );
+    assert!(write(2).await.iter().all(|w| *w));
+    assert!(
+        eventually(Duration::from_secs(20), || served(2))
+            .await
+            .is_some(),
+        "v2 once replicated"
+    );
+    let mget_on = |primary: bool| {
+        let nodes = cluster.topology();
+        async move {
+            let mut total = 0;
+            for n in nodes
+                .await
+                .expect("topology")
+                .into_iter()
+                .filter(|n| n.primary == primary)
+            {
+                let client =
+                    redis::Client::open(format!("redis://127.0.0.1:{}/", n.port)).expect("url");
+                let mut c = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("node");
+                let info: String = redis::cmd("INFO")
+                    .arg("commandstats")
+                    .query_async(&mut c)
+                    .await
+                    .expect("info");
+                total += info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_mget:calls="))
+                    .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            total
+        }
+    };
+    let on_replicas = mget_on(false).await;
+    let on_primaries = mget_on(true).await;
+    assert!(
+        on_replicas > 0,
+        "the replicas served the reads ({on_replicas} there, {on_primaries} on primaries)"
+    );
+    assert_eq!(on_primaries, 0, "no screen read reached a primary");
+    api.stop().await;
+}
