@@ -450,3 +450,86 @@ async fn cache_reads_go_to_the_replicas_when_asked() {
     assert_eq!(on_primaries, 0, "no screen read reached a primary");
     api.stop().await;
 }
+
+/// A resharding under load: the slot of the stream (with its epoch, dead letters and
+/// confirmations) and the slot of a screen widget move to another primary key by key, so
+/// components meet ASK, TRYAGAIN and then MOVED; every key still ends at its last version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resharding_under_load_loses_nothing() {
+    let stack = Stack::with_config(&config()).await;
+    let cluster = RedisCluster::start(3, 0).await.expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let mut child = dev(&stack, &cluster.url(), &dir, &listen);
+    assert!(
+        support::wait_ready(&listen).await,
+        "dev is ready on the cluster"
+    );
+    let product = stack.pool(&stack.product_url).await;
+    let writer = {
+        let product = product.clone();
+        tokio::spawn(async move {
+            let mut version = 0;
+            let stop = tokio::time::Instant::now() + Duration::from_secs(8);
+            while tokio::time::Instant::now() < stop {
+                version += 1;
+                commit(&product, &keys(), version).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            version
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cache = Cache::new(stack.config.key_prefix());
+    let stream = stack.config.stream_name();
+    let widget = cache.key("deals.k-0");
+    for key in [&stream, &widget] {
+        let owner = cluster.primary_for(key).await.expect("owner");
+        let to = cluster
+            .topology()
+            .await
+            .expect("topology")
+            .into_iter()
+            .find(|n| n.primary && n.port != owner)
+            .expect("another primary")
+            .port;
+        let slot = cluster.slot_of(key).await.expect("slot");
+        cluster
+            .move_slot(slot, to, Duration::from_millis(300))
+            .await
+            .expect("slot moved");
+        assert_eq!(
+            cluster.primary_for(key).await.expect("new owner"),
+            to,
+            "{key}"
+        );
+    }
+    let last = writer.await.expect("writer");
+    let core = stack.pool(&stack.core_url).await;
+    let mut conn = cluster_conn(&cluster.url()).await;
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, last)).collect();
+    let held = settles(
+        &stack,
+        &core,
+        &mut conn,
+        &listen,
+        &want,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        held,
+        Ok(()),
+        "after the resharding every key ends at v{last} everywhere"
+    );
+    let left = eventually(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
+            .fetch_one(&product)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "the outbox drains");
+    let _ = child.kill().await;
+}

@@ -1036,6 +1036,89 @@ impl RedisCluster {
         })
     }
 
+    /// Moves `slot` to the primary on `to`, the way `redis-cli --cluster reshard` does: the
+    /// target imports, the owner migrates, its keys move over one by one (`MIGRATE`), then
+    /// every primary is told the new owner. Meanwhile clients meet ASK for keys already moved
+    /// (and TRYAGAIN for a multi-key command whose keys are split); afterwards MOVED.
+    /// `pause_between` is slept after each key, to keep the slot mid-migration for a while.
+    pub async fn move_slot(&self, slot: u16, to: u16, pause_between: Duration) -> Result<()> {
+        let nodes = self.topology().await?;
+        let from = nodes
+            .iter()
+            .find(|n| n.primary && n.slots.iter().any(|(a, b)| *a <= slot && slot <= *b))
+            .map(|n| n.port)
+            .ok_or_else(|| Error::Io(format!("no primary serves slot {slot}")))?;
+        if from == to {
+            return Ok(());
+        }
+        let cluster_cmd = |port: u16, args: Vec<String>| async move {
+            let mut conn = plain_connection(port).await?;
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg(&args);
+            cmd.query_async::<redis::Value>(&mut conn)
+                .await
+                .map_err(|e| Error::Io(format!("CLUSTER {} on {port}: {e}", args.join(" "))))
+        };
+        let id = |port: u16| async move {
+            match cluster_cmd(port, vec!["MYID".into()]).await? {
+                redis::Value::BulkString(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+                redis::Value::SimpleString(s) => Ok(s),
+                other => Err(Error::Io(format!("CLUSTER MYID on {port}: {other:?}"))),
+            }
+        };
+        let (from_id, to_id) = (id(from).await?, id(to).await?);
+        let s = slot.to_string();
+        cluster_cmd(
+            to,
+            vec!["SETSLOT".into(), s.clone(), "IMPORTING".into(), from_id],
+        )
+        .await?;
+        cluster_cmd(
+            from,
+            vec![
+                "SETSLOT".into(),
+                s.clone(),
+                "MIGRATING".into(),
+                to_id.clone(),
+            ],
+        )
+        .await?;
+        let mut conn = plain_connection(from).await?;
+        loop {
+            let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                // One key at a time: the slot stays split between the two nodes longer.
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::Io(format!("GETKEYSINSLOT: {e}")))?;
+            if keys.is_empty() {
+                break;
+            }
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| Error::Io(format!("MIGRATE: {e}")))?;
+            tokio::time::sleep(pause_between).await;
+        }
+        for n in nodes.iter().filter(|n| n.primary) {
+            cluster_cmd(
+                n.port,
+                vec!["SETSLOT".into(), s.clone(), "NODE".into(), to_id.clone()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The nodes that are up, as a running node sees them.
     pub async fn topology(&self) -> Result<Vec<ClusterNode>> {
         let mut last = Error::Io("no node is running".into());
@@ -1058,15 +1141,20 @@ impl RedisCluster {
         Ok(parse_cluster_nodes(&text))
     }
 
-    /// The primary serving the slot of `key`.
-    pub async fn primary_for(&self, key: &str) -> Result<u16> {
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn slot_of(&self, key: &str) -> Result<u16> {
         let mut conn = plain_connection(self.running_port()?).await?;
-        let slot: i64 = redis::cmd("CLUSTER")
+        redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
             .query_async(&mut conn)
             .await
-            .map_err(|e| Error::Io(format!("CLUSTER KEYSLOT: {e}")))?;
+            .map_err(|e| Error::Io(format!("CLUSTER KEYSLOT: {e}")))
+    }
+
+    /// The primary serving the slot of `key`.
+    pub async fn primary_for(&self, key: &str) -> Result<u16> {
+        let slot = i64::from(self.slot_of(key).await?);
         self.topology()
             .await?
             .into_iter()
