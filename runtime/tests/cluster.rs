@@ -138,6 +138,59 @@ async fn everywhere(
     Ok(())
 }
 
+/// Commits a new version of every key every 20 ms for `secs`; the last version committed.
+fn write_for(product: &sqlx::PgPool, secs: Duration) -> tokio::task::JoinHandle<i64> {
+    let product = product.clone();
+    tokio::spawn(async move {
+        let mut version = 0;
+        let stop = tokio::time::Instant::now() + secs;
+        while tokio::time::Instant::now() < stop {
+            version += 1;
+            commit(&product, &keys(), version).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        version
+    })
+}
+
+/// After `fault`: every key at `last` in Postgres, the cluster's cache and the API, and every
+/// relayed row confirmed and deleted from the outbox.
+async fn ends_everywhere_at(
+    stack: &Stack,
+    cluster: &RedisCluster,
+    listen: &str,
+    product: &sqlx::PgPool,
+    last: i64,
+    fault: &str,
+) {
+    let core = stack.pool(&stack.core_url).await;
+    let mut conn = cluster_conn(&cluster.url()).await;
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, last)).collect();
+    let held = settles(
+        stack,
+        &core,
+        &mut conn,
+        listen,
+        &want,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        held,
+        Ok(()),
+        "after the {fault} every key ends at v{last} everywhere"
+    );
+    let left = eventually(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
+            .fetch_one(product)
+            .await
+            .ok()?;
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(left.is_some(), "the outbox drains after the {fault}");
+}
+
 /// Polls [`everywhere`] until it holds, or returns its last complaint after `limit`.
 async fn settles(
     stack: &Stack,
@@ -275,19 +328,7 @@ async fn a_primary_killed_under_load_is_failed_over_and_nothing_is_lost() {
 
     // Writes go on throughout: one version of every key each 20 ms.
     let product = stack.pool(&stack.product_url).await;
-    let writer = {
-        let product = product.clone();
-        tokio::spawn(async move {
-            let mut version = 0;
-            let stop = tokio::time::Instant::now() + Duration::from_secs(8);
-            while tokio::time::Instant::now() < stop {
-                version += 1;
-                commit(&product, &keys(), version).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            version
-        })
-    };
+    let writer = write_for(&product, Duration::from_secs(8));
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The worst node to lose: the one holding the stream, its markers and confirmations.
     let stream_owner = cluster
@@ -302,33 +343,7 @@ async fn a_primary_killed_under_load_is_failed_over_and_nothing_is_lost() {
     let last = writer.await.expect("writer");
     assert!(last > 50, "writes went on: {last} versions");
 
-    let core = stack.pool(&stack.core_url).await;
-    let mut conn = cluster_conn(&cluster.url()).await;
-    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, last)).collect();
-    let held = settles(
-        &stack,
-        &core,
-        &mut conn,
-        &listen,
-        &want,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(
-        held,
-        Ok(()),
-        "after the failover every key ends at v{last} everywhere"
-    );
-    // Nothing left behind: every relayed row was confirmed and deleted.
-    let left = eventually(Duration::from_secs(20), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
-            .fetch_one(&product)
-            .await
-            .ok()?;
-        (n == 0).then_some(())
-    })
-    .await;
-    assert!(left.is_some(), "the outbox drains");
+    ends_everywhere_at(&stack, &cluster, &listen, &product, last, "failover").await;
     let _ = child.kill().await;
 }
 
@@ -466,19 +481,7 @@ async fn a_resharding_under_load_loses_nothing() {
         "dev is ready on the cluster"
     );
     let product = stack.pool(&stack.product_url).await;
-    let writer = {
-        let product = product.clone();
-        tokio::spawn(async move {
-            let mut version = 0;
-            let stop = tokio::time::Instant::now() + Duration::from_secs(8);
-            while tokio::time::Instant::now() < stop {
-                version += 1;
-                commit(&product, &keys(), version).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            version
-        })
-    };
+    let writer = write_for(&product, Duration::from_secs(8));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cache = Cache::new(stack.config.key_prefix());
     let stream = stack.config.stream_name();
@@ -505,31 +508,6 @@ async fn a_resharding_under_load_loses_nothing() {
         );
     }
     let last = writer.await.expect("writer");
-    let core = stack.pool(&stack.core_url).await;
-    let mut conn = cluster_conn(&cluster.url()).await;
-    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, last)).collect();
-    let held = settles(
-        &stack,
-        &core,
-        &mut conn,
-        &listen,
-        &want,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(
-        held,
-        Ok(()),
-        "after the resharding every key ends at v{last} everywhere"
-    );
-    let left = eventually(Duration::from_secs(20), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM widget_outbox")
-            .fetch_one(&product)
-            .await
-            .ok()?;
-        (n == 0).then_some(())
-    })
-    .await;
-    assert!(left.is_some(), "the outbox drains");
+    ends_everywhere_at(&stack, &cluster, &listen, &product, last, "resharding").await;
     let _ = child.kill().await;
 }
