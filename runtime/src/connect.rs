@@ -76,6 +76,85 @@ impl Redis {
         self.cluster.is_some()
     }
 
+    /// The servers behind this endpoint, each as an endpoint of its own (the same credentials,
+    /// TLS and deadlines): in cluster mode every node `CLUSTER SLOTS` lists, primaries and
+    /// replicas, with that slot map as text (to notice when it changes); standalone, this
+    /// endpoint itself and no map. What needs a connection per server (client tracking, whose
+    /// invalidations each node sends for its own keys) goes by it.
+    pub async fn servers(&self) -> redis::RedisResult<(Vec<Redis>, Option<String>)> {
+        if self.cluster.is_none() {
+            return Ok((vec![self.clone()], None));
+        }
+        let mut conn = self.connection().await?;
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        let mut addrs: Vec<(String, u16)> = Vec::new();
+        let seed = match self.client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
+                host.clone()
+            }
+            _ => String::new(),
+        };
+        if let redis::Value::Array(ranges) = &slots {
+            for range in ranges {
+                let redis::Value::Array(parts) = range else {
+                    continue;
+                };
+                // start, end, then the primary and its replicas: [host, port, id, ...].
+                for node in parts.iter().skip(2) {
+                    let redis::Value::Array(node) = node else {
+                        continue;
+                    };
+                    let host = match node.first() {
+                        Some(redis::Value::BulkString(h)) if !h.is_empty() => {
+                            String::from_utf8_lossy(h).into_owned()
+                        }
+                        _ => seed.clone(),
+                    };
+                    if let Some(redis::Value::Int(port)) = node.get(1)
+                        && let Ok(port) = u16::try_from(*port)
+                        && !addrs.contains(&(host.clone(), port))
+                    {
+                        addrs.push((host, port));
+                    }
+                }
+            }
+        }
+        let servers = addrs
+            .into_iter()
+            .map(|(host, port)| self.server_at(host, port))
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        Ok((servers, Some(format!("{slots:?}"))))
+    }
+
+    /// A standalone endpoint for one server of this endpoint's cluster.
+    fn server_at(&self, host: String, port: u16) -> redis::RedisResult<Redis> {
+        let info = self.client.get_connection_info().clone();
+        let mut addr = info.addr().clone();
+        match &mut addr {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => {
+                *h = host;
+                *p = port;
+            }
+            _ => {}
+        }
+        let settings = RedisConfig {
+            mode: RedisMode::Standalone,
+            ..self.settings.clone()
+        };
+        Ok(Redis {
+            client: client_for(info.set_addr(addr), self.ca.as_deref())?,
+            cluster: None,
+            settings,
+            ca: self.ca.clone(),
+        })
+    }
+
     /// In cluster mode, the same cluster with reads sent to replicas (`READONLY`; a slot
     /// without a reachable replica is read from its primary): what `REDIS_READ_URL` means for
     /// core-api in a cluster. A standalone endpoint is returned as it is: there the read URL
@@ -176,7 +255,8 @@ impl Redis {
 
     /// A RESP3 connection whose push messages (client-side caching invalidations) go to
     /// `pushes`; the library also sends a `Disconnection` push when it is lost. Standalone
-    /// only: a cluster sends each node's invalidations on a connection to that node.
+    /// only: a cluster sends each node's invalidations on a connection to that node (one
+    /// per [`Redis::servers`]).
     pub async fn tracking(
         &self,
         pushes: impl redis::aio::AsyncPushSender,

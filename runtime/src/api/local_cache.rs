@@ -1,14 +1,16 @@
 //! core-api's in-process cache (L1) of what Redis holds for each widget key, kept coherent by
 //! Redis server-assisted client-side caching: one RESP3 connection runs `CLIENT TRACKING ON
 //! BCAST PREFIX <keyPrefix>w:`, so Redis pushes an invalidation for every write, deletion,
-//! expiry or eviction of a cache key, whoever made it.
+//! expiry or eviction of a cache key, whoever made it. In a Redis Cluster every node sends the
+//! invalidations of its own keys, so there is one such connection per node, and a change of the
+//! slot map ends them all (flush) to start over on the new map.
 //!
 //! Why not redis-rs's own `cache-aio`: it bounds its cache by entries, not bytes, and caches
 //! whole command replies on the connection that sent them; this cache holds the ready widget
 //! JSON per key, bounded by bytes (moka with a weigher), and knows the keys Postgres lacks.
 //!
 //! The rules:
-//! - Entries are served only while the tracking connection is confirmed (`live`). When it
+//! - Entries are served only while tracking is confirmed (`live`). When a tracking connection
 //!   drops, fails a health check, or Redis says invalidations may have been lost (a null
 //!   invalidation), everything is flushed; serving resumes only after tracking is on again.
 //! - A value read from Redis is inserted only if no invalidation for its key (and no flush)
@@ -383,15 +385,28 @@ impl LocalCache {
         cancel: &CancellationToken,
     ) -> redis::RedisResult<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut conn = redis.tracking(tx).await?;
-        let _: () = redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .arg("BCAST")
-            .arg("PREFIX")
-            .arg(&self.prefix)
-            .query_async(&mut conn)
-            .await?;
+        // In a cluster each node sends invalidations for the keys it holds (and a replica for
+        // what it applies), so every node gets a tracking connection; a change of the slot map
+        // (failover, resharding, a node added) ends tracking, and it starts over on the new map.
+        let (servers, slot_map) = redis.servers().await?;
+        let mut conns = Vec::with_capacity(servers.len());
+        for server in &servers {
+            let mut conn = server.tracking(tx.clone()).await?;
+            let _: () = redis::cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("BCAST")
+                .arg("PREFIX")
+                .arg(&self.prefix)
+                .query_async(&mut conn)
+                .await?;
+            conns.push(conn);
+        }
+        drop(tx);
+        let mut map_conn = match slot_map {
+            Some(_) => Some(redis.connection().await?),
+            None => None,
+        };
         self.confirm();
         // A link that silently stops delivering would let stale entries live on: it is
         // checked every second, and a failed check ends tracking (and flushes).
@@ -409,7 +424,17 @@ impl LocalCache {
                     }
                 }
                 _ = health.tick() => {
-                    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+                    for conn in &mut conns {
+                        let _: String = redis::cmd("PING").query_async(conn).await?;
+                    }
+                    if let (Some(conn), Some(map)) = (&mut map_conn, &slot_map) {
+                        let now: redis::Value =
+                            redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+                        if format!("{now:?}") != *map {
+                            tracing::info!("cluster slot map changed; local cache tracking starts over");
+                            return Ok(());
+                        }
+                    }
                     // Pushes sent before the PING's reply are queued by now. A queue this long
                     // means invalidations are applied late (a burst of writes, a replay):
                     // drop everything, catch up, then serve again.

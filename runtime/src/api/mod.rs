@@ -554,16 +554,8 @@ impl ApiState {
                 .iter()
                 .flat_map(|s| s.widgets.iter().map(String::as_str)),
         );
-        // Invalidations come from each cluster node on a connection of its own, which the
-        // tracking connection is not yet: in a cluster the cache stays off rather than stale.
-        let local_on = settings.local_cache.enabled && !redis.is_cluster();
-        if settings.local_cache.enabled && !local_on {
-            tracing::warn!(
-                "local cache off: Redis Cluster mode has no invalidation tracking yet; every read goes to Redis"
-            );
-        }
         let local = Arc::new(local_cache::LocalCache::new(
-            local_on,
+            settings.local_cache.enabled,
             settings.local_cache.max_bytes,
             &settings.key_prefix,
             settings.absent_ttl,
