@@ -561,6 +561,10 @@ async fn run(secs: u64, conns: usize) {
         cluster_config.redis.mode = RedisMode::Cluster;
         let on_cluster_api = start_api(&cluster_config, &cluster.url(), &db_url, &cancel).await;
         let cluster_url = Target::Fixed(format!("http://{on_cluster_api}/v1/screens/home"));
+        let mut cluster_l1_config = config(&prefix, "1h", n, true);
+        cluster_l1_config.redis.mode = RedisMode::Cluster;
+        let cluster_l1_api = start_api(&cluster_l1_config, &cluster.url(), &db_url, &cancel).await;
+        let cluster_l1_url = Target::Fixed(format!("http://{cluster_l1_api}/v1/screens/home"));
         let with_l1 = start_api(
             &config(&prefix, "1h", n, true),
             &redis.url(),
@@ -688,6 +692,15 @@ async fn run(secs: u64, conns: usize) {
                     secs_c,
                     conns_c,
                 ),
+                {
+                    let _ = generator.run("warm-up", &cluster_l1_url, 1, conns_c);
+                    generator.run(
+                        "core-api on a 3-primary cluster, in-process cache",
+                        &cluster_l1_url,
+                        secs_c,
+                        conns_c,
+                    )
+                },
             ]
         })
         .await
