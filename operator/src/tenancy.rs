@@ -9,7 +9,7 @@
 //! claim whose pipeline no longer exists (or was re-created with a new uid) is taken over.
 
 use redis::Script;
-use widget_runtime::config::Config;
+use widget_runtime::config::{Config, RedisMode};
 
 use crate::probe::ProbeError;
 
@@ -52,12 +52,20 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// The keys a pipeline claims.
+/// The keys a pipeline claims. In a cluster the claim script must be single-slot, and the
+/// prefix's claim must not depend on the stream's tag (two pipelines with different streams
+/// and one prefix must meet on the same key), so both claims go under one fixed tag there.
 pub fn claim_keys(config: &Config) -> [String; 2] {
-    [
-        format!("{}.owner", config.stream_name()),
-        format!("{}owner", config.key_prefix()),
-    ]
+    match config.redis.mode {
+        RedisMode::Standalone => [
+            format!("{}.owner", config.stream_name()),
+            format!("{}owner", config.key_prefix()),
+        ],
+        RedisMode::Cluster => [
+            format!("{{hw-claims}}stream:{}", config.stream_name()),
+            format!("{{hw-claims}}prefix:{}", config.key_prefix()),
+        ],
+    }
 }
 
 /// Claims every key in one step if each is free, already ours, or held by exactly `stale` (a

@@ -441,3 +441,42 @@ async fn the_probe_reads_a_pipeline_on_a_redis_cluster() {
     assert_eq!(live.applied, 9);
     assert_eq!(live.maxmemory_policy.as_deref(), Some("noeviction"));
 }
+
+/// The operator's claim of a pipeline's names works on a cluster (one slot for both claims),
+/// and a second pipeline with another stream but the same cache prefix is refused there too.
+#[tokio::test]
+async fn names_are_claimed_on_a_redis_cluster_and_a_shared_prefix_is_refused() {
+    use widget_operator::tenancy::{Claim, Owner, claim};
+    let cluster = testkit::RedisCluster::start(3, 0).await.expect("cluster");
+    let cfg = |yaml: &str| Config::from_yaml_str(yaml).expect("config");
+    let home = cfg(
+        "pipeline: home\nredis: {mode: cluster}\ncache: {keyPrefix: \"hw:shared:\"}\nsources: [{name: deals}]\n",
+    );
+    let other = cfg(
+        "pipeline: other\nredis: {mode: cluster}\ncache: {keyPrefix: \"hw:shared:\"}\nsources: [{name: deals}]\n",
+    );
+    let owner = |name: &str| Owner {
+        namespace: "widgets".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    };
+    let mut con = probe::connect(&cluster.url(), None, home.redis.mode)
+        .await
+        .expect("cluster connection");
+    assert_eq!(
+        claim(&mut con, &home, &owner("home"), None)
+            .await
+            .expect("claim"),
+        Claim::Ours
+    );
+    match claim(&mut con, &other, &owner("other"), None)
+        .await
+        .expect("claim")
+    {
+        Claim::Taken { key, by } => {
+            assert!(key.contains("prefix:hw:shared:"), "{key}");
+            assert_eq!(by, owner("home"));
+        }
+        Claim::Ours => panic!("a prefix another pipeline holds must be refused"),
+    }
+}
