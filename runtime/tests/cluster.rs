@@ -54,16 +54,18 @@ async fn cluster_conn(url: &str) -> Conn {
         .expect("cluster connection")
 }
 
-fn dev(
+/// The real `widget-runtime dev` process (worker, ingester, core-api) on the cluster at
+/// `redis_url`, ready; its config in `dir`, its address returned. Killed when dropped.
+async fn dev(
     stack: &Stack,
     redis_url: &str,
     dir: &tempfile::TempDir,
-    listen: &str,
-) -> tokio::process::Child {
+) -> (tokio::process::Child, String) {
+    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
     let path = dir.path().join("config.yaml");
     std::fs::write(&path, stack.config.to_yaml()).expect("config");
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
-        .args(["dev", "--listen", listen, "--config"])
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+        .args(["dev", "--listen", &listen, "--config"])
         .arg(&path)
         .env("REDIS_URL", redis_url)
         .env("CORE_DATABASE_URL", &stack.core_url)
@@ -71,7 +73,12 @@ fn dev(
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
-        .expect("start dev")
+        .expect("start dev");
+    assert!(
+        support::wait_ready(&listen).await,
+        "dev is ready on the cluster"
+    );
+    (child, listen)
 }
 
 /// Commits one version of each of `keys` in one transaction.
@@ -227,12 +234,7 @@ async fn the_pipeline_serves_screens_across_every_primary_and_dead_letters_witho
     );
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
-    let mut child = dev(&stack, &cluster.url(), &dir, &listen);
-    assert!(
-        support::wait_ready(&listen).await,
-        "dev is ready on the cluster"
-    );
+    let (mut child, listen) = dev(&stack, &cluster.url(), &dir).await;
 
     let product = stack.pool(&stack.product_url).await;
     let core = stack.pool(&stack.core_url).await;
@@ -319,12 +321,7 @@ async fn a_primary_killed_under_load_is_failed_over_and_nothing_is_lost() {
     let stack = Stack::with_config(&config()).await;
     let mut cluster = RedisCluster::start(3, 1).await.expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
-    let mut child = dev(&stack, &cluster.url(), &dir, &listen);
-    assert!(
-        support::wait_ready(&listen).await,
-        "dev is ready on the cluster"
-    );
+    let (mut child, listen) = dev(&stack, &cluster.url(), &dir).await;
 
     // Writes go on throughout: one version of every key each 20 ms.
     let product = stack.pool(&stack.product_url).await;
@@ -601,12 +598,7 @@ async fn a_resharding_under_load_loses_nothing() {
     let stack = Stack::with_config(&config()).await;
     let cluster = RedisCluster::start(3, 0).await.expect("cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
-    let mut child = dev(&stack, &cluster.url(), &dir, &listen);
-    assert!(
-        support::wait_ready(&listen).await,
-        "dev is ready on the cluster"
-    );
+    let (mut child, listen) = dev(&stack, &cluster.url(), &dir).await;
     let product = stack.pool(&stack.product_url).await;
     let writer = write_for(&product, Duration::from_secs(8));
     tokio::time::sleep(Duration::from_millis(1500)).await;

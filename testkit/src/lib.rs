@@ -1270,12 +1270,7 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
 }
 
 async fn info_replication(port: u16) -> Result<String> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .map_err(|e| Error::Io(format!("redis url: {e}")))?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| Error::Io(format!("redis connect to {port}: {e}")))?;
+    let mut conn = plain_connection(port).await?;
     redis::cmd("INFO")
         .arg("replication")
         .query_async(&mut conn)

@@ -173,11 +173,6 @@ impl LocalCache {
     }
 
     /// Whether entries may be served now.
-    /// Configured on (and possible: not in cluster mode).
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
     pub fn serving(&self) -> bool {
         self.enabled && self.live.load(Ordering::SeqCst)
     }

@@ -694,7 +694,7 @@ impl CoreApi {
                 breaker::run_prober(b, interval, || s.ping(store), || s.update_readiness(), c).await
             })
         });
-        if shared.local.enabled() {
+        if shared.settings.local_cache.enabled {
             tracing::info!(
                 max_bytes = shared.settings.local_cache.max_bytes,
                 "local cache on, kept coherent by Redis invalidations"
