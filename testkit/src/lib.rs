@@ -901,22 +901,7 @@ impl RedisCluster {
         })?;
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
-            let bus = free_port()?.to_string();
-            let args = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-port",
-                &bus,
-                // Failover within about two seconds of a primary's loss, and by any replica
-                // however long it was cut off (tests make replicas miss writes on purpose).
-                "--cluster-node-timeout",
-                "1000",
-                "--cluster-replica-validity-factor",
-                "0",
-            ];
-            nodes.push(RedisServer::start_with(&args).await?);
+            nodes.push(Self::start_node().await?);
         }
         let mut create = Command::new(cli);
         create.args(["--cluster", "create"]);
@@ -938,6 +923,34 @@ impl RedisCluster {
         let cluster = RedisCluster { nodes };
         cluster.wait_ok(Duration::from_secs(30)).await?;
         Ok(cluster)
+    }
+
+    /// One cluster-enabled node. Its bus port is probed like its data port; the data port's
+    /// retry does not cover it, so a start that fails (a bus port taken meanwhile) is tried
+    /// again with new ports.
+    async fn start_node() -> Result<RedisServer> {
+        let mut attempts = 0;
+        loop {
+            let bus = free_port()?.to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus,
+                // Failover within about two seconds of a primary's loss, and by any replica
+                // however long it was cut off (tests make replicas miss writes on purpose).
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+            ];
+            match RedisServer::start_with(&args).await {
+                Err(_) if attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
     }
 
     /// The URL of one node (a cluster client finds the others from it).
