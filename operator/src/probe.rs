@@ -98,7 +98,7 @@ pub async fn read(con: &mut Conn, config: &Config) -> Result<LiveStatus, ProbeEr
         (Some(0), 0)
     };
     let stats: HashMap<String, String> = con.hgetall(config.stats_key()).await?;
-    let maxmemory_policy = maxmemory_policy(con).await;
+    let maxmemory_policy = maxmemory_policy(con, &config.stream_name()).await;
     Ok(live_status(
         config,
         &Readings {
@@ -113,13 +113,15 @@ pub async fn read(con: &mut Conn, config: &Config) -> Result<LiveStatus, ProbeEr
 }
 
 /// `CONFIG GET maxmemory-policy`. Managed services often rename or forbid CONFIG (and an ACL
-/// may refuse it): any error means "unknown", never a failed probe.
-async fn maxmemory_policy(con: &mut Conn) -> Option<String> {
+/// may refuse it): any error means "unknown", never a failed probe. In a cluster, asked of
+/// the stream's primary, which holds everything eviction would cost.
+async fn maxmemory_policy(con: &mut Conn, stream: &str) -> Option<String> {
     // A map in RESP3, a flat [name, value] array in RESP2; both convert to a HashMap.
-    let reply: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(con)
+    let reply: redis::RedisResult<HashMap<String, String>> = con
+        .query_at(
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+            stream,
+        )
         .await;
     match reply {
         Ok(mut kv) => kv.remove("maxmemory-policy").filter(|p| !p.is_empty()),

@@ -440,6 +440,30 @@ async fn the_probe_reads_a_pipeline_on_a_redis_cluster() {
     );
     assert_eq!(live.applied, 9);
     assert_eq!(live.maxmemory_policy.as_deref(), Some("noeviction"));
+
+    // An evicting policy on the stream's primary alone (what eviction would cost lives there)
+    // is found every time, not when a random node happens to be asked.
+    let primary = cluster
+        .primary_for(&stream)
+        .await
+        .expect("stream's primary");
+    let node = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == primary)
+        .expect("node");
+    let mut direct = node.connection().await.expect("connect");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut direct)
+        .await
+        .expect("config set");
+    for _ in 0..6 {
+        let live = probe::probe(&cluster.url(), &config).await.expect("probe");
+        assert_eq!(live.maxmemory_policy.as_deref(), Some("allkeys-lru"));
+    }
 }
 
 /// The operator's claim of a pipeline's names works on a cluster (one slot for both claims),

@@ -6,7 +6,7 @@
 //!
 //! `widget-runtime acl` prints them as `ACL SETUSER` lines; `docs/security.md` explains them.
 
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 
 /// Which component a user is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,19 @@ const INGESTER: &[&str] = &[
 
 const CORE_API: &[&str] = &["mget", "get", "set", "pexpire", "pttl"];
 
+/// core-api's in-process cache: RESP3 client tracking on the cache prefix (HELLO needs no
+/// permission). Without it the cache cannot stay coherent and is never used.
+const LOCAL_CACHE: &[&str] = &["client|tracking"];
+
+/// In cluster mode, what the cluster client sends by itself: the slot map it routes by and
+/// re-reads after a redirect, and ASKING before a command redirected by ASK during a
+/// resharding.
+const CLUSTER: &[&str] = &["cluster|slots", "asking"];
+
+/// core-api in cluster mode: READONLY for reads from replicas (`REDIS_READ_URL`), and the node
+/// list its in-process cache tracks every node by (slotless nodes too).
+const CLUSTER_CORE_API: &[&str] = &["readonly", "cluster|nodes"];
+
 /// Redis glob characters in a key name are matched literally.
 fn literal(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
@@ -97,6 +110,11 @@ pub fn rules(config: &Config, component: Component<'_>) -> Vec<String> {
     let stream = config.stream_name();
     let cache = format!("{}w:*", literal(&config.key_prefix()));
     let mut keys = vec![literal(&stream), literal(&config.epoch_key())];
+    let cluster = config.redis.mode == RedisMode::Cluster;
+    let mut extra: Vec<&[&str]> = Vec::new();
+    if cluster {
+        extra.push(CLUSTER);
+    }
     let commands = match component {
         Component::Worker { source } => {
             keys.push(literal(&config.confirmed_key(source)));
@@ -111,13 +129,24 @@ pub fn rules(config: &Config, component: Component<'_>) -> Vec<String> {
         }
         Component::CoreApi => {
             keys = vec![cache];
+            if config.local_cache.enabled {
+                extra.push(LOCAL_CACHE);
+            }
+            if cluster {
+                extra.push(CLUSTER_CORE_API);
+            }
             CORE_API
         }
     };
     keys.push(literal(&config.stats_key()));
     let mut out = vec!["resetkeys".into(), "resetchannels".into(), "-@all".into()];
     out.extend(keys.into_iter().map(|k| format!("~{k}")));
-    let mut names: Vec<&str> = COMMON.iter().chain(commands).copied().collect();
+    let mut names: Vec<&str> = COMMON
+        .iter()
+        .chain(commands)
+        .chain(extra.into_iter().flatten())
+        .copied()
+        .collect();
     names.sort_unstable();
     names.dedup();
     out.extend(names.into_iter().map(|c| format!("+{c}")));
@@ -154,6 +183,43 @@ mod tests {
         let keys: Vec<&String> = r.iter().filter(|k| k.starts_with('~')).collect();
         assert_eq!(keys, ["~hw:home:w:*", "~hw:home:stats"]);
         assert!(!r.contains(&"+xadd".to_string()));
+    }
+
+    #[test]
+    fn core_api_may_track_keys_for_its_in_process_cache_unless_it_is_off() {
+        let on = rules(&config(), Component::CoreApi);
+        assert!(on.contains(&"+client|tracking".to_string()), "{on:?}");
+        let off = Config::from_yaml_str(
+            "pipeline: home\nsources: [{name: deals}]\nlocalCache: {enabled: false}\n",
+        )
+        .expect("config");
+        let off = rules(&off, Component::CoreApi);
+        assert!(!off.iter().any(|r| r.starts_with("+client")), "{off:?}");
+    }
+
+    #[test]
+    fn cluster_mode_adds_only_what_the_cluster_client_and_replica_reads_send() {
+        let standalone = rules(&config(), Component::Ingester);
+        assert!(
+            !standalone
+                .iter()
+                .any(|r| r.contains("cluster") || r == "+asking")
+        );
+        let c = Config::from_yaml_str(
+            "pipeline: home\nredis: {mode: cluster}\nsources: [{name: deals}]\n",
+        )
+        .expect("config");
+        for component in [Component::Worker { source: "deals" }, Component::Ingester] {
+            let r = rules(&c, component);
+            assert!(r.contains(&"+cluster|slots".to_string()), "{r:?}");
+            assert!(r.contains(&"+asking".to_string()), "{r:?}");
+            assert!(!r.contains(&"+readonly".to_string()), "{r:?}");
+        }
+        let api = rules(&c, Component::CoreApi);
+        for cmd in ["+cluster|slots", "+cluster|nodes", "+asking", "+readonly"] {
+            assert!(api.contains(&cmd.to_string()), "{cmd}: {api:?}");
+        }
+        assert!(!api.iter().any(|r| r == "+cluster" || r == "+@admin"));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Redis {
     client: Client,
     /// In cluster mode, the client every connection is made through.
     cluster: Option<ClusterClient>,
+    /// In cluster mode, the nodes the slot map is first read from (every URL given: a
+    /// connection can be made while any one of them is up).
+    seeds: Vec<redis::ConnectionInfo>,
     settings: RedisConfig,
     /// The CA bundle (PEM) servers are verified against instead of the system's.
     ca: Option<std::sync::Arc<Vec<u8>>>,
@@ -56,16 +59,32 @@ impl Redis {
         settings: &RedisConfig,
         ca_pem: Option<Vec<u8>>,
     ) -> redis::RedisResult<Redis> {
-        let info = url.into_connection_info()?;
         let ca = ca_pem.map(std::sync::Arc::new);
-        let info = info.set_tcp_settings(tcp_settings(settings));
+        let urls = match settings.mode {
+            RedisMode::Standalone => vec![url],
+            RedisMode::Cluster => seed_urls(url),
+        };
+        let seeds = urls
+            .into_iter()
+            .map(|u| {
+                u.into_connection_info()
+                    .map(|i| i.set_tcp_settings(tcp_settings(settings)))
+            })
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let Some(first) = seeds.first().cloned() else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no Redis URL",
+            )));
+        };
         let cluster = match settings.mode {
             RedisMode::Standalone => None,
-            RedisMode::Cluster => Some(cluster_client(info.clone(), settings, ca.as_deref())?),
+            RedisMode::Cluster => Some(cluster_builder(&seeds, settings, ca.as_deref()).build()?),
         };
         Ok(Redis {
-            client: client_for(info, ca.as_deref())?,
+            client: client_for(first, ca.as_deref())?,
             cluster,
+            seeds,
             settings: settings.clone(),
             ca,
         })
@@ -77,79 +96,63 @@ impl Redis {
     }
 
     /// The servers behind this endpoint, each as an endpoint of its own (the same credentials,
-    /// TLS and deadlines): in cluster mode every node `CLUSTER SLOTS` lists, primaries and
-    /// replicas, with that slot map as text (to notice when it changes); standalone, this
+    /// TLS and deadlines): in cluster mode every node `CLUSTER NODES` lists and not failed,
+    /// primaries, replicas and nodes that own no slot yet (one being filled by a resharding),
+    /// with the [`NodeMap`] they were read from, to notice when it changes; standalone, this
     /// endpoint itself and no map. What needs a connection per server (client tracking, whose
     /// invalidations each node sends for its own keys) goes by it.
-    pub async fn servers(&self) -> redis::RedisResult<(Vec<Redis>, Option<String>)> {
+    pub async fn servers(&self) -> redis::RedisResult<(Vec<Redis>, Option<NodeMap>)> {
         if self.cluster.is_none() {
             return Ok((vec![self.clone()], None));
         }
-        let mut conn = self.connection().await?;
-        let slots: redis::Value = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut conn)
-            .await?;
-        let mut addrs: Vec<(String, u16)> = Vec::new();
-        let seed = match self.client.get_connection_info().addr() {
-            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
-                host.clone()
-            }
-            _ => String::new(),
-        };
-        if let redis::Value::Array(ranges) = &slots {
-            for range in ranges {
-                let redis::Value::Array(parts) = range else {
-                    continue;
-                };
-                // start, end, then the primary and its replicas: [host, port, id, ...].
-                for node in parts.iter().skip(2) {
-                    let redis::Value::Array(node) = node else {
-                        continue;
-                    };
-                    let host = match node.first() {
-                        Some(redis::Value::BulkString(h)) if !h.is_empty() => {
-                            String::from_utf8_lossy(h).into_owned()
-                        }
-                        _ => seed.clone(),
-                    };
-                    if let Some(redis::Value::Int(port)) = node.get(1)
-                        && let Ok(port) = u16::try_from(*port)
-                        && !addrs.contains(&(host.clone(), port))
-                    {
-                        addrs.push((host, port));
+        // One seed node's view, read over a connection to that node: every later check asks
+        // the same node, so two nodes' views (briefly different) never look like a change, and
+        // the node's own entry (whose address it may not know) is the seed's address.
+        let mut last = None;
+        for seed in &self.seeds {
+            let source = self.server_at(seed)?;
+            match NodeMap::read(&source).await {
+                Ok((nodes, fingerprint)) => {
+                    if nodes.is_empty() {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "CLUSTER NODES lists no node that has not failed",
+                        )));
                     }
+                    let servers = nodes
+                        .iter()
+                        .map(|(host, port)| {
+                            let mut info = seed.clone();
+                            set_host_port(&mut info, host, *port);
+                            self.server_at(&info)
+                        })
+                        .collect::<redis::RedisResult<Vec<_>>>()?;
+                    let map = NodeMap {
+                        source,
+                        conn: None,
+                        fingerprint,
+                    };
+                    return Ok((servers, Some(map)));
                 }
+                Err(e) => last = Some(e),
             }
         }
-        let servers = addrs
-            .into_iter()
-            .map(|(host, port)| self.server_at(host, port))
-            .collect::<redis::RedisResult<Vec<_>>>()?;
-        Ok((servers, Some(format!("{slots:?}"))))
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
+        }))
     }
 
-    /// A standalone endpoint for one server of this endpoint's cluster.
-    fn server_at(&self, host: String, port: u16) -> redis::RedisResult<Redis> {
-        let info = self.client.get_connection_info().clone();
-        let mut addr = info.addr().clone();
-        match &mut addr {
-            redis::ConnectionAddr::Tcp(h, p)
-            | redis::ConnectionAddr::TcpTls {
-                host: h, port: p, ..
-            } => {
-                *h = host;
-                *p = port;
-            }
-            _ => {}
-        }
+    /// A standalone endpoint for the server `info` names (one node of this endpoint's
+    /// cluster), with this endpoint's credentials, TLS and deadlines.
+    fn server_at(&self, info: &redis::ConnectionInfo) -> redis::RedisResult<Redis> {
         let settings = RedisConfig {
             mode: RedisMode::Standalone,
             ..self.settings.clone()
         };
         Ok(Redis {
-            client: client_for(info.set_addr(addr), self.ca.as_deref())?,
+            client: client_for(info.clone(), self.ca.as_deref())?,
             cluster: None,
+            seeds: vec![info.clone()],
             settings,
             ca: self.ca.clone(),
         })
@@ -163,8 +166,7 @@ impl Redis {
         if self.cluster.is_none() {
             return Ok(self);
         }
-        let info = self.client.get_connection_info().clone();
-        let cluster = cluster_builder(info, &self.settings, self.ca.as_deref())
+        let cluster = cluster_builder(&self.seeds, &self.settings, self.ca.as_deref())
             .read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy)
             .build()?;
         Ok(Redis {
@@ -244,8 +246,19 @@ impl Redis {
     /// timeout is the block time plus the ordinary response timeout, or every idle read would
     /// fail as a timeout.
     pub async fn blocking(&self, block: Duration) -> redis::RedisResult<Conn> {
-        self.multiplexed(block + self.settings.response_timeout)
-            .await
+        let response = block + self.settings.response_timeout;
+        if self.cluster.is_some() {
+            // The cluster client's overall deadline (retries included) is the client's own,
+            // not the connection's: a client of its own for blocking reads, or every idle read
+            // longer than it would fail.
+            let settings = RedisConfig {
+                response_timeout: response,
+                ..self.settings.clone()
+            };
+            let cluster = cluster_builder(&self.seeds, &settings, self.ca.as_deref()).build()?;
+            return self.cluster_conn(&cluster, response).await;
+        }
+        self.multiplexed(response).await
     }
 
     /// A plain multiplexed connection with the configured deadlines (tools, one-off checks).
@@ -310,6 +323,126 @@ impl Redis {
     }
 }
 
+/// The nodes of a cluster as one node sees them ([`Redis::servers`]), to tell when they change:
+/// a node added or failed, a failover, a slot moved.
+pub struct NodeMap {
+    /// The node the map was read from, asked again by [`NodeMap::unchanged`].
+    source: Redis,
+    conn: Option<Conn>,
+    /// Each node's address, role and slots, sorted: what a change of the cluster changes, and
+    /// not what moves by itself (ping times, link state, a suspected failure).
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for NodeMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.fingerprint)
+    }
+}
+
+impl NodeMap {
+    /// The addresses of the nodes (host, port) and the map's fingerprint.
+    async fn read(source: &Redis) -> redis::RedisResult<(Vec<(String, u16)>, String)> {
+        let mut conn = source.connection().await?;
+        Self::read_on(source, &mut conn).await
+    }
+
+    async fn read_on(
+        source: &Redis,
+        conn: &mut Conn,
+    ) -> redis::RedisResult<(Vec<(String, u16)>, String)> {
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+        let own_host = match source.client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
+                host.clone()
+            }
+            _ => String::new(),
+        };
+        Ok(parse_cluster_nodes(&text, &own_host))
+    }
+
+    /// Whether the cluster still looks as it did when the map was read (an error: the node
+    /// could not be asked).
+    pub async fn unchanged(&mut self) -> redis::RedisResult<bool> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(self.source.connection().await?),
+        };
+        let (_, now) = Self::read_on(&self.source, conn).await?;
+        Ok(now == self.fingerprint)
+    }
+}
+
+/// The nodes of `CLUSTER NODES` output that have not failed and have an address (host, port;
+/// the node answering may list itself without a host: `own_host` then), and the fingerprint
+/// of the map. A line: `<id> <ip:port@cport[,hostname]> <flags> <primary> <ping> <pong>
+/// <epoch> <link> <slot>...`.
+fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<(String, u16)>, String) {
+    let mut nodes = Vec::new();
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(addr), Some(flags)) = (f.get(1), f.get(2)) else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(',').collect();
+        if flags
+            .iter()
+            .any(|x| matches!(*x, "fail" | "noaddr" | "handshake"))
+        {
+            continue;
+        }
+        let Some(hostport) = addr.split(['@', ',']).next() else {
+            continue;
+        };
+        let Some((host, port)) = hostport.rsplit_once(':') else {
+            continue;
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            continue;
+        };
+        if port == 0 {
+            continue;
+        }
+        let host = match host.trim_start_matches('[').trim_end_matches(']') {
+            "" => own_host,
+            h => h,
+        };
+        let role = if flags.contains(&"master") {
+            "primary"
+        } else {
+            "replica"
+        };
+        // Slots being migrated (`[slot->-id]`, `[slot-<-id]`) are listed by the two nodes
+        // concerned only: left out.
+        let slots: Vec<&str> = f
+            .iter()
+            .skip(8)
+            .filter(|s| !s.starts_with('['))
+            .copied()
+            .collect();
+        lines.push(format!("{host}:{port} {role} {}", slots.join(" ")));
+        if !nodes.contains(&(host.to_string(), port)) {
+            nodes.push((host.to_string(), port));
+        }
+    }
+    lines.sort();
+    (nodes, lines.join("\n"))
+}
+
+fn set_host_port(info: &mut redis::ConnectionInfo, host: &str, port: u16) {
+    let mut addr = info.addr().clone();
+    if let redis::ConnectionAddr::Tcp(h, p)
+    | redis::ConnectionAddr::TcpTls {
+        host: h, port: p, ..
+    } = &mut addr
+    {
+        *h = host.to_string();
+        *p = port;
+    }
+    *info = info.clone().set_addr(addr);
+}
+
 /// A connection to Redis in either mode; every component talks through it, so no module
 /// needs to know which mode it runs in. Commands go to the node owning their keys' slot in a
 /// cluster; a multi-key command (MGET) is split by slot and merged by the client.
@@ -334,6 +467,30 @@ impl std::fmt::Debug for Conn {
 impl Conn {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
+    }
+
+    /// Runs a command that names no key (CONFIG GET, INFO) on the primary that holds `key`:
+    /// in a cluster such a command would go to a random node, whose answer may not hold for
+    /// the node that matters.
+    pub async fn query_at<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &redis::Cmd,
+        key: &str,
+    ) -> redis::RedisResult<T> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match self {
+            Conn::Cluster(c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = c
+                    .route_command(
+                        cmd.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                redis::from_redis_value(value).map_err(Into::into)
+            }
+            other => cmd.query_async(other).await,
+        }
     }
 }
 
@@ -436,24 +593,35 @@ fn first_key(pipeline: &redis::Pipeline) -> Option<Vec<u8>> {
     })
 }
 
-/// The cluster client of the node `info` names: the other nodes come from its slot map; the
-/// credentials, TLS and TCP settings of the URL apply to every node.
-fn cluster_client(
-    info: redis::ConnectionInfo,
-    settings: &RedisConfig,
-    ca: Option<&Vec<u8>>,
-) -> redis::RedisResult<ClusterClient> {
-    cluster_builder(info, settings, ca).build()
+/// The URLs of a cluster's seed nodes: `REDIS_URL` may list several, separated by commas
+/// (`redis://a:6379,redis://b:6379`). Only a comma followed by a scheme separates, so a
+/// password holding a comma stays whole.
+fn seed_urls(url: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for (at, _) in url.match_indices(',') {
+        let next = url[at + 1..].trim_start();
+        if next.starts_with("redis://") || next.starts_with("rediss://") {
+            out.push(url[from..at].trim());
+            from = at + 1;
+        }
+    }
+    out.push(url[from..].trim());
+    out
 }
 
+/// The cluster client of the seed nodes: the other nodes come from the slot map; the
+/// credentials, TLS and TCP settings of the URLs apply to every node.
 fn cluster_builder(
-    info: redis::ConnectionInfo,
+    seeds: &[redis::ConnectionInfo],
     settings: &RedisConfig,
     ca: Option<&Vec<u8>>,
 ) -> ClusterClientBuilder {
     let tcp = tcp_settings(settings);
-    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-    let mut builder = ClusterClientBuilder::new(vec![info])
+    let tls = seeds
+        .iter()
+        .any(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let mut builder = ClusterClientBuilder::new(seeds.to_vec())
         .connection_timeout(settings.connect_timeout)
         .response_timeout(settings.response_timeout)
         // A redirect after a resharding or a failover is retried within the overall deadline
@@ -515,8 +683,9 @@ impl From<Client> for Redis {
             .clone()
             .set_tcp_settings(tcp_settings(&settings));
         Redis {
-            client: Client::open(info).unwrap_or(client),
+            client: Client::open(info.clone()).unwrap_or(client),
             cluster: None,
+            seeds: vec![info],
             settings,
             ca: None,
         }
@@ -674,4 +843,76 @@ pub fn pg_pool(
             })
         })
         .connect_lazy_with(options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_url_may_list_several_seed_nodes() {
+        assert_eq!(seed_urls("redis://a:1"), ["redis://a:1"]);
+        assert_eq!(
+            seed_urls("redis://a:1, rediss://u:p@b:2/,redis://c:3"),
+            ["redis://a:1", "rediss://u:p@b:2/", "redis://c:3"]
+        );
+        // A comma inside the password is not a separator.
+        assert_eq!(
+            seed_urls("redis://u:p,w@a:1,redis://b:2"),
+            ["redis://u:p,w@a:1", "redis://b:2"]
+        );
+    }
+
+    #[test]
+    fn the_node_map_lists_live_nodes_and_changes_only_with_the_cluster() {
+        let a = "\
+07c3 127.0.0.1:30001@40001 master - 0 0 1 connected 0-5460 [77->-e7d1]
+67ed 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922
+292f 127.0.0.1:30003@40003,node-3 master,fail? - 1426238317239 1426238316232 3 connected 10923-16383
+6ec2 127.0.0.1:30004@40004 slave 07c3 0 1426238318243 1 connected
+824f 127.0.0.1:30005@40005 slave,fail 67ed 1426238317741 1426238316232 2 disconnected
+e7d1 :30006@40006 myself,master - 0 0 0 connected
+dead :0@0 noaddr - 0 0 0 disconnected
+";
+        let (nodes, print) = parse_cluster_nodes(a, "10.0.0.9");
+        let ports: Vec<u16> = nodes.iter().map(|n| n.1).collect();
+        assert_eq!(
+            ports,
+            [30001, 30002, 30003, 30004, 30006],
+            "failed and unknown left out"
+        );
+        assert_eq!(
+            nodes[4].0, "10.0.0.9",
+            "a node without a host is the one answering"
+        );
+        assert!(
+            print.contains("127.0.0.1:30001 primary 0-5460\n"),
+            "{print}"
+        );
+        // Ping times, link state and a suspected failure are not a change; a failover is.
+        let same = a
+            .replace("1426238318243", "1526238318243")
+            .replace("master,fail?", "master");
+        assert_eq!(parse_cluster_nodes(&same, "10.0.0.9").1, print);
+        let failover = a
+            .replace(
+                "master - 0 0 1 connected 0-5460",
+                "slave 6ec2 0 0 1 connected",
+            )
+            .replace(
+                "slave 07c3 0 1426238318243 1 connected",
+                "master - 0 0 4 connected 0-5460",
+            );
+        assert_ne!(parse_cluster_nodes(&failover, "10.0.0.9").1, print);
+    }
+
+    #[test]
+    fn every_seed_must_be_a_valid_url() {
+        let settings = RedisConfig {
+            mode: RedisMode::Cluster,
+            ..Default::default()
+        };
+        assert!(Redis::open("redis://127.0.0.1:1,redis://127.0.0.1:2", &settings).is_ok());
+        assert!(Redis::open("redis://127.0.0.1:1,redis://:bad:port", &settings).is_err());
+    }
 }

@@ -246,14 +246,18 @@ pub async fn forget_confirmed<C: ConnectionLike>(
         .await
 }
 
-/// Redis' `maxmemory-policy`, or `None` when CONFIG is not allowed (managed services).
-pub async fn eviction_policy<C: ConnectionLike>(
-    conn: &mut C,
+/// The `maxmemory-policy` of the Redis holding `stream` (in a cluster: the stream's primary,
+/// where its markers and confirmations live too), or `None` when CONFIG is not allowed
+/// (managed services).
+pub async fn eviction_policy(
+    conn: &mut connect::Conn,
+    stream: &str,
 ) -> redis::RedisResult<Option<String>> {
-    let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(conn)
+    let reply: redis::RedisResult<Vec<String>> = conn
+        .query_at(
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
+            stream,
+        )
         .await;
     match reply {
         Ok(kv) => Ok(kv.into_iter().nth(1)),
@@ -270,17 +274,13 @@ pub fn eviction_unsafe(policy: &str) -> bool {
 }
 
 /// Persistence settings worth a line in the log, where CONFIG is allowed.
-async fn persistence<C: ConnectionLike>(conn: &mut C) -> Option<(String, String)> {
-    let kv: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("appendonly")
-        .query_async(conn)
+async fn persistence(conn: &mut connect::Conn, stream: &str) -> Option<(String, String)> {
+    let kv: Vec<String> = conn
+        .query_at(redis::cmd("CONFIG").arg("GET").arg("appendonly"), stream)
         .await
         .ok()?;
-    let save: Vec<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("save")
-        .query_async(conn)
+    let save: Vec<String> = conn
+        .query_at(redis::cmd("CONFIG").arg("GET").arg("save"), stream)
         .await
         .ok()?;
     Some((kv.into_iter().nth(1)?, save.into_iter().nth(1)?))
@@ -294,6 +294,7 @@ pub const SETTINGS_INTERVAL: Duration = Duration::from_secs(60);
 /// into `RedisEvictionUnsafe`.
 pub async fn watch_settings(
     client: connect::Redis,
+    stream: String,
     gauge: Gauge,
     stats: Arc<Stats>,
     interval: Duration,
@@ -303,9 +304,9 @@ pub async fn watch_settings(
     loop {
         let reading = async {
             let mut conn = client.manager().await?;
-            let policy = eviction_policy(&mut conn).await?;
+            let policy = eviction_policy(&mut conn, &stream).await?;
             let persist = if last.is_none() {
-                persistence(&mut conn).await
+                persistence(&mut conn, &stream).await
             } else {
                 None
             };

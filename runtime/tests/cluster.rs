@@ -630,3 +630,245 @@ async fn a_resharding_under_load_loses_nothing() {
     ends_everywhere_at(&stack, &cluster, &listen, &product, last, "resharding").await;
     let _ = child.kill().await;
 }
+
+/// One component (`outbox-worker`, `ingester`, `core-api`) as its own process, on the
+/// cluster at `redis_url` with the CA bundle `ca`; `extra` arguments after the config. Its
+/// admin address (/readyz, /metrics) is returned with it.
+fn component(
+    stack: &Stack,
+    dir: &tempfile::TempDir,
+    name: &str,
+    extra: &[&str],
+    redis_url: &str,
+    ca: &std::path::Path,
+) -> (tokio::process::Child, String) {
+    let admin = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    // A file per process: another one's write must not race this one's read.
+    let path = dir
+        .path()
+        .join(format!("config-{}.yaml", admin.replace(':', "-")));
+    std::fs::write(&path, stack.config.to_yaml()).expect("config");
+    let log = std::fs::File::create(
+        dir.path()
+            .join(format!("{name}-{}.log", admin.replace(':', "-"))),
+    )
+    .expect("log file");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_widget-runtime"))
+        .arg(name)
+        .arg("--config")
+        .arg(&path)
+        .args(["--admin-listen", &admin])
+        .args(extra)
+        .env("REDIS_URL", redis_url)
+        .env("REDIS_CA_FILE", ca)
+        .env("CORE_DATABASE_URL", &stack.core_url)
+        .env("SOURCE_DATABASE_URL", &stack.product_url)
+        .env("RUST_LOG", "warn")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start component");
+    (child, admin)
+}
+
+/// What the components of [`component`] logged.
+fn logs(dir: &tempfile::TempDir) -> String {
+    std::fs::read_dir(dir.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            format!("{}:\n{}", e.file_name().to_string_lossy(), text)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A managed cluster as platform teams run it: TLS only (clients, cluster bus, replication)
+/// with a private CA, and every component as its own least-privilege user
+/// (`widget-runtime acl`, set on every node: ACLs are per node). The worker, the ingester and
+/// core-api (its in-process cache tracking every node) run as separate processes given two
+/// seed nodes; every key ends at its last version everywhere; a wrong CA fails start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
+    use widget_runtime::acl::{Component, rules};
+    let stack = Stack::with_config(&config()).await;
+    let cluster = RedisCluster::start_tls(3, 1).await.expect("TLS cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_pem = cluster.tls_ca_pem().expect("CA").to_string();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &ca_pem).expect("write CA");
+
+    let users = [
+        (
+            "worker-deals",
+            rules(&stack.config, Component::Worker { source: "deals" }),
+        ),
+        ("ingester", rules(&stack.config, Component::Ingester)),
+        ("core-api", rules(&stack.config, Component::CoreApi)),
+    ];
+    for node in cluster.nodes() {
+        let mut conn = node.connection().await.expect("node");
+        for (user, rules) in &users {
+            let mut cmd = redis::cmd("ACL");
+            cmd.arg("SETUSER")
+                .arg(*user)
+                .arg("reset")
+                .arg("on")
+                .arg(">pw");
+            for r in rules {
+                cmd.arg(r);
+            }
+            let _: () = cmd.query_async(&mut conn).await.expect("ACL SETUSER");
+        }
+    }
+    let seeds = |user: &str| {
+        cluster.nodes()[..2]
+            .iter()
+            .map(|n| format!("rediss://{user}:pw@127.0.0.1:{}/", n.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+
+    let listen = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let _worker = component(
+        &stack,
+        &dir,
+        "outbox-worker",
+        &["--source", "deals"],
+        &seeds("worker-deals"),
+        &ca,
+    );
+    let _ingester = component(
+        &stack,
+        &dir,
+        "ingester",
+        &["--consumer", "ingester-1"],
+        &seeds("ingester"),
+        &ca,
+    );
+    let (_api, api_admin) = component(
+        &stack,
+        &dir,
+        "core-api",
+        &["--listen", &listen],
+        &seeds("core-api"),
+        &ca,
+    );
+    assert!(support::wait_ready(&api_admin).await, "core-api is ready");
+
+    let product = stack.pool(&stack.product_url).await;
+    let core = stack.pool(&stack.core_url).await;
+    for version in 1..=3 {
+        commit(&product, &keys(), version).await;
+    }
+    let mut conn = widget_runtime::connect::Redis::open_tls(
+        &cluster.url(),
+        &RedisConfig {
+            mode: RedisMode::Cluster,
+            ..Default::default()
+        },
+        Some(ca_pem.clone().into_bytes()),
+    )
+    .expect("url")
+    .connection()
+    .await
+    .expect("TLS cluster connection");
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 3)).collect();
+    let held = settles(
+        &stack,
+        &core,
+        &mut conn,
+        &listen,
+        &want,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        held,
+        Ok(()),
+        "every key at v3 in Postgres, the cache and the API; logs:\n{}",
+        logs(&dir)
+    );
+
+    // core-api's user tracks keys on every node (primaries and replicas): its in-process cache
+    // is on, not switched off by a refused command.
+    for node in cluster.nodes() {
+        let tracked = eventually(Duration::from_secs(20), || async {
+            let users = node.tracking_users().await.ok()?;
+            users.iter().any(|u| u == "core-api").then_some(())
+        })
+        .await;
+        assert!(tracked.is_some(), "core-api tracks node {}", node.port());
+    }
+    let served_locally = eventually(Duration::from_secs(20), || async {
+        http_get(&listen, "/v1/screens/home", &[]).await?;
+        let (hits, _) = local_figures(&api_admin).await;
+        (hits > 0.0).then_some(())
+    })
+    .await;
+    assert!(
+        served_locally.is_some(),
+        "screens are served from the in-process cache"
+    );
+
+    // What the users may not do, on the cluster too.
+    let worker_conn = |cmd: redis::Cmd| {
+        let (url, ca) = (seeds("worker-deals"), ca_pem.clone());
+        async move {
+            let mut c = widget_runtime::connect::Redis::open_tls(
+                &url,
+                &RedisConfig {
+                    mode: RedisMode::Cluster,
+                    ..Default::default()
+                },
+                Some(ca.into_bytes()),
+            )
+            .expect("url")
+            .connection()
+            .await
+            .expect("connect as the worker");
+            cmd.query_async::<redis::Value>(&mut c).await
+        }
+    };
+    let mut forge = redis::cmd("SET");
+    forge
+        .arg(format!("{}w:deals.k-1", stack.config.key_prefix()))
+        .arg("forged");
+    let refused = worker_conn(forge).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().to_ascii_lowercase().contains("noperm")),
+        "a worker cannot write the cache: {refused:?}"
+    );
+
+    // A CA that did not sign the nodes' certificates: start-up fails and says why.
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(
+        &wrong,
+        testkit::TestCa::new("another CA").expect("CA").pem(),
+    )
+    .expect("CA");
+    let other = format!("127.0.0.1:{}", testkit::free_port().expect("port"));
+    let (failed, failed_admin) = component(
+        &stack,
+        &dir,
+        "core-api",
+        &["--listen", &other],
+        &seeds("core-api"),
+        &wrong,
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), failed.wait_with_output())
+        .await
+        .expect("core-api exits")
+        .expect("status")
+        .status;
+    let stderr = std::fs::read_to_string(
+        dir.path()
+            .join(format!("core-api-{}.log", failed_admin.replace(':', "-"))),
+    )
+    .unwrap_or_default();
+    assert!(!status.success(), "a wrong CA fails start-up");
+    assert!(stderr.contains("not trusted"), "says why: {stderr}");
+}

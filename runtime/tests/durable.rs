@@ -1103,6 +1103,13 @@ async fn the_pipeline_runs_under_least_privilege_redis_users() {
     let api = start_api_on(&stack, &api_url).await;
     produce(&product, 60, 3, 1, &mut expected).await;
     assert_converged(&stack, &api, &expected).await;
+    // core-api's in-process cache is on by default: its user may track keys. (Refused, the
+    // cache switches itself off and the screens above still come from Redis.)
+    wait_for("core-api's user tracks the cache", || async {
+        let users = stack.redis.tracking_users().await.unwrap_or_default();
+        users.iter().any(|u| u == "core-api")
+    })
+    .await;
     wait_for("confirmed rows deleted", || async {
         outbox_counts(&product).await == (0, 0)
     })

@@ -570,11 +570,16 @@ impl RedisServer {
     /// it ([`RedisServer::tls_ca_pem`]); clients are not asked for certificates. [`url`] is
     /// then a `rediss://` URL.
     pub async fn start_tls() -> Result<Self> {
+        Self::start_tls_with(&[], &TestCa::new("testkit Redis CA")?).await
+    }
+
+    /// Like [`RedisServer::start_tls`], with a certificate signed by `ca` (servers that talk to
+    /// each other over TLS, a cluster's nodes, trust one CA) and `args` appended.
+    pub async fn start_tls_with(extra: &[&str], ca: &TestCa) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("testkit-redis-")
             .tempdir()
             .map_err(io("create temp dir"))?;
-        let ca = TestCa::new("testkit Redis CA")?;
         let (cert, key) = ca.server_cert()?;
         let write = |name: &str, text: &str| -> Result<String> {
             let path = dir.path().join(name);
@@ -586,7 +591,7 @@ impl RedisServer {
             write("server.pem", &cert)?,
             write("server.key", &key)?,
         );
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "--tls-cert-file".into(),
             cert_file,
             "--tls-key-file".into(),
@@ -596,6 +601,7 @@ impl RedisServer {
             "--tls-auth-clients".into(),
             "no".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         Self::launch_in(dir, args, None, Some(ca.pem().to_string())).await
     }
 
@@ -683,6 +689,29 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| Error::Io(format!("redis connect: {e}")))
+    }
+
+    /// The users of the clients connected with client tracking on (`CLIENT LIST`, flag `t`).
+    pub async fn tracking_users(&self) -> Result<Vec<String>> {
+        let mut conn = self.connection().await?;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| Error::Io(format!("CLIENT LIST: {e}")))?;
+        Ok(list
+            .lines()
+            .filter_map(|line| {
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                };
+                field("flags")?
+                    .contains('t')
+                    .then(|| field("user").map(str::to_string))
+                    .flatten()
+            })
+            .collect())
     }
 
     fn log_path(&self) -> PathBuf {
@@ -811,8 +840,8 @@ impl RedisServer {
         while start.elapsed() < limit {
             // The master first: its offset also grows by its pings to replicas, so a replica
             // offset at least as large as one read before means nothing is missing.
-            if let Ok(m) = info_replication(master).await
-                && let Ok(r) = info_replication(self.port).await
+            if let Ok(m) = info_replication(master, self.tls_ca.as_deref()).await
+                && let Ok(r) = info_replication(self.port, self.tls_ca.as_deref()).await
                 && info_field(&r, "master_link_status") == Some("up")
                 && let (Some(m), Some(r)) = (repl_offset(&m), repl_offset(&r))
                 && r >= m
@@ -879,9 +908,12 @@ impl Drop for RedisServer {
 
 /// A private Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each
 /// (`redis-cli --cluster create`), every node a [`RedisServer`] that can be killed, paused and
-/// started again. A node missing for more than a second is failed over by its replica.
+/// started again. A node missing for more than two seconds is failed over by its replica.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// For a [`RedisCluster::start_tls`] cluster, the CA (PEM) its nodes' certificates are
+    /// signed by.
+    ca: Option<String>,
 }
 
 /// A cluster node's view of itself, from `CLUSTER NODES`.
@@ -895,15 +927,45 @@ pub struct ClusterNode {
 
 impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize) -> Result<Self> {
+        Self::start_on(primaries, replicas, None).await
+    }
+
+    /// A cluster whose nodes speak only TLS, to clients, to each other (the cluster bus) and to
+    /// their replicas, with certificates for 127.0.0.1 signed by one CA made for it
+    /// ([`RedisCluster::tls_ca_pem`]). [`RedisCluster::url`] is then a `rediss://` URL.
+    pub async fn start_tls(primaries: usize, replicas: usize) -> Result<Self> {
+        Self::start_on(
+            primaries,
+            replicas,
+            Some(TestCa::new("testkit Redis Cluster CA")?),
+        )
+        .await
+    }
+
+    /// The CA of a [`RedisCluster::start_tls`] cluster.
+    pub fn tls_ca_pem(&self) -> Option<&str> {
+        self.ca.as_deref()
+    }
+
+    fn ca(&self) -> Option<&str> {
+        self.ca.as_deref()
+    }
+
+    async fn start_on(primaries: usize, replicas: usize, tls: Option<TestCa>) -> Result<Self> {
         let cli = which("redis-cli").ok_or(Error::Missing {
             binary: "redis-cli",
             install: "apt-get update && apt-get install -y redis-tools",
         })?;
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
-            nodes.push(Self::start_node().await?);
+            nodes.push(Self::start_node(tls.as_ref()).await?);
         }
         let mut create = Command::new(cli);
+        if let Some(ca) = &tls {
+            let path = nodes[0].dir.path().join("cluster-ca.pem");
+            std::fs::write(&path, ca.pem()).map_err(io("write CA"))?;
+            create.arg("--tls").arg("--cacert").arg(&path);
+        }
         create.args(["--cluster", "create"]);
         for n in &nodes {
             create.arg(format!("127.0.0.1:{}", n.port()));
@@ -920,7 +982,10 @@ impl RedisCluster {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster {
+            nodes,
+            ca: tls.map(|ca| ca.pem().to_string()),
+        };
         cluster.wait_ok(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -928,7 +993,7 @@ impl RedisCluster {
     /// One cluster-enabled node. Its bus port is probed like its data port; the data port's
     /// retry does not cover it, so a start that fails (a bus port taken meanwhile) is tried
     /// again with new ports.
-    async fn start_node() -> Result<RedisServer> {
+    async fn start_node(tls: Option<&TestCa>) -> Result<RedisServer> {
         let mut attempts = 0;
         loop {
             let bus = free_port()?.to_string();
@@ -939,14 +1004,24 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-port",
                 &bus,
-                // Failover within about two seconds of a primary's loss, and by any replica
+                // Failover within about four seconds of a primary's loss, and by any replica
                 // however long it was cut off (tests make replicas miss writes on purpose).
+                // Not shorter: on a busy shared host a node that answers a second late was
+                // then failed over while alive.
                 "--cluster-node-timeout",
-                "1000",
+                "2000",
                 "--cluster-replica-validity-factor",
                 "0",
             ];
-            match RedisServer::start_with(&args).await {
+            let started = match tls {
+                None => RedisServer::start_with(&args).await,
+                Some(ca) => {
+                    let mut args = args.to_vec();
+                    args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+                    RedisServer::start_tls_with(&args, ca).await
+                }
+            };
+            match started {
                 Err(_) if attempts < 3 => attempts += 1,
                 other => return other,
             }
@@ -985,7 +1060,7 @@ impl RedisCluster {
         while start.elapsed() < limit {
             let mut ok = true;
             for port in &running {
-                match cluster_info(*port).await {
+                match cluster_info(*port, self.ca()).await {
                     Ok(info)
                         if info_field(&info, "cluster_state") == Some("ok")
                             && info_field(&info, "cluster_slots_ok") == Some("16384")
@@ -998,7 +1073,7 @@ impl RedisCluster {
                     // synced with its primary (clients leave out replicas still loading).
                     ok = running.iter().all(|p| nodes.iter().any(|n| n.port == *p));
                     if ok && nodes.iter().any(|n| n.port == *port && !n.primary) {
-                        ok = info_replication(*port).await.is_ok_and(|i| {
+                        ok = info_replication(*port, self.ca()).await.is_ok_and(|i| {
                             info_field(&i, "master_link_status") == Some("up")
                                 && info_field(&i, "master_sync_in_progress") == Some("0")
                         });
@@ -1028,7 +1103,7 @@ impl RedisCluster {
     pub async fn wait_replicas_listed(&self, replicas: usize, limit: Duration) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < limit {
-            let mut conn = plain_connection(self.running_port()?).await?;
+            let mut conn = plain_connection(self.running_port()?, self.ca()).await?;
             let slots: redis::RedisResult<Vec<Vec<redis::Value>>> = redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut conn)
@@ -1064,13 +1139,17 @@ impl RedisCluster {
         if from == to {
             return Ok(());
         }
-        let cluster_cmd = |port: u16, args: Vec<String>| async move {
-            let mut conn = plain_connection(port).await?;
-            let mut cmd = redis::cmd("CLUSTER");
-            cmd.arg(&args);
-            cmd.query_async::<redis::Value>(&mut conn)
-                .await
-                .map_err(|e| Error::Io(format!("CLUSTER {} on {port}: {e}", args.join(" "))))
+        let ca = self.ca.clone();
+        let cluster_cmd = |port: u16, args: Vec<String>| {
+            let ca = ca.clone();
+            async move {
+                let mut conn = plain_connection(port, ca.as_deref()).await?;
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg(&args);
+                cmd.query_async::<redis::Value>(&mut conn)
+                    .await
+                    .map_err(|e| Error::Io(format!("CLUSTER {} on {port}: {e}", args.join(" "))))
+            }
         };
         let id = |port: u16| async move {
             match cluster_cmd(port, vec!["MYID".into()]).await? {
@@ -1096,7 +1175,7 @@ impl RedisCluster {
             ],
         )
         .await?;
-        let mut conn = plain_connection(from).await?;
+        let mut conn = plain_connection(from, self.ca()).await?;
         loop {
             let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
                 .arg("GETKEYSINSLOT")
@@ -1145,7 +1224,7 @@ impl RedisCluster {
     }
 
     async fn topology_from(&self, port: u16) -> Result<Vec<ClusterNode>> {
-        let mut conn = plain_connection(port).await?;
+        let mut conn = plain_connection(port, self.ca()).await?;
         let text: String = redis::cmd("CLUSTER")
             .arg("NODES")
             .query_async(&mut conn)
@@ -1156,7 +1235,7 @@ impl RedisCluster {
 
     /// The slot of `key` (`CLUSTER KEYSLOT`).
     pub async fn slot_of(&self, key: &str) -> Result<u16> {
-        let mut conn = plain_connection(self.running_port()?).await?;
+        let mut conn = plain_connection(self.running_port()?, self.ca()).await?;
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
@@ -1230,17 +1309,31 @@ impl RedisCluster {
     }
 }
 
-async fn plain_connection(port: u16) -> Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .map_err(|e| Error::Io(format!("redis url: {e}")))?;
+/// A connection to the server on `port`, over TLS trusting `ca` when given.
+async fn plain_connection(
+    port: u16,
+    ca: Option<&str>,
+) -> Result<redis::aio::MultiplexedConnection> {
+    let url_error = |e: redis::RedisError| Error::Io(format!("redis url: {e}"));
+    let client = match ca {
+        None => redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(url_error)?,
+        Some(ca) => redis::Client::build_with_tls(
+            format!("rediss://127.0.0.1:{port}/"),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.as_bytes().to_vec()),
+            },
+        )
+        .map_err(url_error)?,
+    };
     client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| Error::Io(format!("redis connect to {port}: {e}")))
 }
 
-async fn cluster_info(port: u16) -> Result<String> {
-    let mut conn = plain_connection(port).await?;
+async fn cluster_info(port: u16, ca: Option<&str>) -> Result<String> {
+    let mut conn = plain_connection(port, ca).await?;
     redis::cmd("CLUSTER")
         .arg("INFO")
         .query_async(&mut conn)
@@ -1282,8 +1375,8 @@ fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
         .collect()
 }
 
-async fn info_replication(port: u16) -> Result<String> {
-    let mut conn = plain_connection(port).await?;
+async fn info_replication(port: u16, ca: Option<&str>) -> Result<String> {
+    let mut conn = plain_connection(port, ca).await?;
     redis::cmd("INFO")
         .arg("replication")
         .query_async(&mut conn)
@@ -1431,7 +1524,7 @@ mod tests {
 
         let key = "testkit-key";
         let owner = cluster.primary_for(key).await.expect("owner");
-        let mut conn = plain_connection(owner).await.expect("conn");
+        let mut conn = plain_connection(owner, None).await.expect("conn");
         let _: () = redis::cmd("SET")
             .arg(key)
             .arg("v")

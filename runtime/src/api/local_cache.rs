@@ -383,7 +383,7 @@ impl LocalCache {
         // In a cluster each node sends invalidations for the keys it holds (and a replica for
         // what it applies), so every node gets a tracking connection; a change of the slot map
         // (failover, resharding, a node added) ends tracking, and it starts over on the new map.
-        let (servers, slot_map) = redis.servers().await?;
+        let (servers, mut node_map) = redis.servers().await?;
         let mut conns = Vec::with_capacity(servers.len());
         for server in &servers {
             let mut conn = server.tracking(tx.clone()).await?;
@@ -398,10 +398,6 @@ impl LocalCache {
             conns.push(conn);
         }
         drop(tx);
-        let mut map_conn = match slot_map {
-            Some(_) => Some(redis.connection().await?),
-            None => None,
-        };
         self.confirm();
         // A link that silently stops delivering would let stale entries live on: it is
         // checked every second, and a failed check ends tracking (and flushes).
@@ -422,13 +418,11 @@ impl LocalCache {
                     for conn in &mut conns {
                         let _: String = redis::cmd("PING").query_async(conn).await?;
                     }
-                    if let (Some(conn), Some(map)) = (&mut map_conn, &slot_map) {
-                        let now: redis::Value =
-                            redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
-                        if format!("{now:?}") != *map {
-                            tracing::info!("cluster slot map changed; local cache tracking starts over");
-                            return Ok(());
-                        }
+                    if let Some(map) = &mut node_map
+                        && !map.unchanged().await?
+                    {
+                        tracing::info!("cluster nodes or slots changed; local cache tracking starts over");
+                        return Ok(());
                     }
                     // Pushes sent before the PING's reply are queued by now. A queue this long
                     // means invalidations are applied late (a burst of writes, a replay):

@@ -421,7 +421,18 @@ impl From<redis::Client> for RedisEndpoints {
 
 /// A Redis connection opened on first use and replaced when found dead.
 #[derive(Default, Clone)]
-struct ConnSlot(Arc<std::sync::Mutex<SlotState>>);
+struct ConnSlot(Arc<std::sync::Mutex<Slot>>);
+
+type Connect = futures::future::Shared<futures::future::BoxFuture<'static, Result<Conn, String>>>;
+
+#[derive(Default)]
+struct Slot {
+    /// Counts connects and resets: a connect finishes into the slot only if nothing happened
+    /// to it since the connect began (a reset, found dead while connecting, or a newer connect
+    /// must not be overwritten by an older one).
+    generation: u64,
+    state: SlotState,
+}
 
 #[derive(Default)]
 enum SlotState {
@@ -430,50 +441,63 @@ enum SlotState {
     /// One connect runs on its own task, with the configured connect timeout: a request
     /// that stops waiting (its budget is shorter) must not abandon it, or on a slow host no
     /// connect would ever finish within a request's budget and the slot would stay empty.
-    Connecting(futures::future::Shared<futures::future::BoxFuture<'static, Result<Conn, String>>>),
+    Connecting(Connect),
     Ready(Conn),
 }
 
 impl ConnSlot {
     async fn get(&self, redis: &connect::Redis) -> redis::RedisResult<Conn> {
         use futures::FutureExt;
-        let pending = {
-            let Ok(mut state) = self.0.lock() else {
+        let (generation, pending) = {
+            let Ok(mut slot) = self.0.lock() else {
                 return redis.manager().await;
             };
-            match &*state {
+            match &slot.state {
                 SlotState::Ready(c) => return Ok(c.clone()),
-                SlotState::Connecting(f) => f.clone(),
+                SlotState::Connecting(f) => (slot.generation, f.clone()),
                 SlotState::Empty => {
-                    let (slot, redis) = (self.clone(), redis.clone());
+                    slot.generation += 1;
+                    let generation = slot.generation;
+                    let (this, redis) = (self.clone(), redis.clone());
                     let task = tokio::spawn(async move {
                         let made = redis.manager().await;
-                        if let Ok(mut state) = slot.0.lock()
-                            && matches!(*state, SlotState::Connecting(_))
-                        {
-                            *state = match &made {
-                                Ok(c) => SlotState::Ready(c.clone()),
-                                Err(_) => SlotState::Empty,
-                            };
-                        }
+                        this.settle(generation, made.as_ref().ok());
                         made.map_err(|e| e.to_string())
                     });
                     let f = async move { task.await.map_err(|e| e.to_string())? }
                         .boxed()
                         .shared();
-                    *state = SlotState::Connecting(f.clone());
-                    f
+                    slot.state = SlotState::Connecting(f.clone());
+                    (generation, f)
                 }
             }
         };
-        pending
-            .await
-            .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "connecting", e)))
+        let made = pending.await;
+        if made.is_err() {
+            // Also when the connect task itself ended without settling (it panicked).
+            self.settle(generation, None);
+        }
+        made.map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "connecting", e)))
+    }
+
+    /// The connect of `generation` finished with `made`: the slot takes it, unless the slot
+    /// moved on meanwhile.
+    fn settle(&self, generation: u64, made: Option<&Conn>) {
+        if let Ok(mut slot) = self.0.lock()
+            && slot.generation == generation
+            && matches!(slot.state, SlotState::Connecting(_))
+        {
+            slot.state = match made {
+                Some(c) => SlotState::Ready(c.clone()),
+                None => SlotState::Empty,
+            };
+        }
     }
 
     fn reset(&self) {
-        if let Ok(mut g) = self.0.lock() {
-            *g = SlotState::Empty;
+        if let Ok(mut slot) = self.0.lock() {
+            slot.generation += 1;
+            slot.state = SlotState::Empty;
         }
     }
 }
@@ -802,4 +826,59 @@ async fn answer(
         local.put_screen(&ticket, stamp, name, user, keys, assembled);
     }
     Ok(res)
+}
+
+#[cfg(test)]
+mod conn_slot {
+    use super::*;
+
+    async fn client_id(conn: &mut Conn) -> i64 {
+        redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(conn)
+            .await
+            .expect("CLIENT ID")
+    }
+
+    /// A connect begun before a reset finishes after a newer one: the slot keeps the newer
+    /// connection, which the requests after the reset were given.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connect_older_than_a_reset_never_replaces_the_newer_one() {
+        let server = testkit::RedisServer::start().await.expect("redis");
+        let redis = connect::Redis::open(&server.url(), &Default::default()).expect("url");
+        let slot = ConnSlot::default();
+        for _ in 0..5 {
+            slot.reset();
+            server.pause();
+            let old = tokio::spawn({
+                let (slot, redis) = (slot.clone(), redis.clone());
+                async move { slot.get(&redis).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            slot.reset();
+            let new = tokio::spawn({
+                let (slot, redis) = (slot.clone(), redis.clone());
+                async move { slot.get(&redis).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            server.resume();
+            let (Ok(Ok(_old)), Ok(Ok(mut new))) = (old.await, new.await) else {
+                panic!("both connects succeed once Redis answers again");
+            };
+            let mut kept = slot.get(&redis).await.expect("kept");
+            assert_eq!(client_id(&mut kept).await, client_id(&mut new).await);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_connect_leaves_the_slot_empty_for_the_next_request() {
+        let port = testkit::free_port().expect("port");
+        let redis =
+            connect::Redis::open(&format!("redis://127.0.0.1:{port}/"), &Default::default())
+                .expect("url");
+        let slot = ConnSlot::default();
+        assert!(slot.get(&redis).await.is_err(), "nothing listens");
+        let state = slot.0.lock().map(|s| matches!(s.state, SlotState::Empty));
+        assert_eq!(state.ok(), Some(true));
+    }
 }

@@ -205,6 +205,7 @@ impl Ingester {
         );
         let settings_watch = tokio::spawn(crate::durability::watch_settings(
             self.redis.clone(),
+            self.settings.stream.clone(),
             self.metrics.eviction_unsafe.clone(),
             self.stats.clone(),
             crate::durability::SETTINGS_INTERVAL,

@@ -330,6 +330,7 @@ impl OutboxWorker {
             )),
             tokio::spawn(durability::watch_settings(
                 self.redis.clone(),
+                self.settings.stream.clone(),
                 self.metrics.eviction_unsafe.clone(),
                 self.stats.clone(),
                 durability::SETTINGS_INTERVAL,
