@@ -1048,7 +1048,7 @@ impl RedisCluster {
     }
 
     /// Waits until every running node sees the cluster as ok: all slots served, every node
-    /// known, no node failed.
+    /// known, no node failed, every primary serving slots (replicas known as replicas).
     pub async fn wait_ok(&self, limit: Duration) -> Result<()> {
         let start = Instant::now();
         let running: Vec<u16> = self
@@ -1071,7 +1071,10 @@ impl RedisCluster {
                 if ok && let Ok(nodes) = self.topology_from(*port).await {
                     // Every running node must be known as up by this one, and a replica
                     // synced with its primary (clients leave out replicas still loading).
-                    ok = running.iter().all(|p| nodes.iter().any(|n| n.port == *p));
+                    ok = running.iter().all(|p| nodes.iter().any(|n| n.port == *p))
+                        // A primary without slots is a replica this node has not yet heard
+                        // was made one (`--cluster create` returns before gossip spreads it).
+                        && nodes.iter().all(|n| !n.primary || !n.slots.is_empty());
                     if ok && nodes.iter().any(|n| n.port == *port && !n.primary) {
                         ok = info_replication(*port, self.ca()).await.is_ok_and(|i| {
                             info_field(&i, "master_link_status") == Some("up")
