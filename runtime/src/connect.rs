@@ -392,10 +392,14 @@ fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<(String, u16)>, Strin
         {
             continue;
         }
-        let Some(hostport) = addr.split(['@', ',']).next() else {
+        // `ip:port@cport[,hostname[,aux=value]...]`. An announced hostname is preferred: a TLS
+        // certificate names it, rarely the IP.
+        let mut parts = addr.split(',');
+        let Some(hostport) = parts.next().and_then(|a| a.split('@').next()) else {
             continue;
         };
-        let Some((host, port)) = hostport.rsplit_once(':') else {
+        let hostname = parts.next().filter(|h| !h.is_empty() && !h.contains('='));
+        let Some((ip, port)) = hostport.rsplit_once(':') else {
             continue;
         };
         let Ok(port) = port.parse::<u16>() else {
@@ -404,9 +408,10 @@ fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<(String, u16)>, Strin
         if port == 0 {
             continue;
         }
-        let host = match host.trim_start_matches('[').trim_end_matches(']') {
-            "" => own_host,
-            h => h,
+        let host = match (hostname, ip.trim_start_matches('[').trim_end_matches(']')) {
+            (Some(name), _) => name,
+            (None, "") => own_host,
+            (None, ip) => ip,
         };
         let role = if flags.contains(&"master") {
             "primary"
@@ -884,6 +889,12 @@ dead :0@0 noaddr - 0 0 0 disconnected
         assert_eq!(
             nodes[4].0, "10.0.0.9",
             "a node without a host is the one answering"
+        );
+        assert_eq!(nodes[2].0, "node-3", "an announced hostname is preferred");
+        let aux = "a1 10.1.1.1:7000@17000,,shard-id=ab master - 0 0 1 connected 0-16383\n";
+        assert_eq!(
+            parse_cluster_nodes(aux, "x").0,
+            [("10.1.1.1".to_string(), 7000)]
         );
         assert!(
             print.contains("127.0.0.1:30001 primary 0-5460\n"),
