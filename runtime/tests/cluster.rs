@@ -43,11 +43,16 @@ screens:
 }
 
 async fn cluster_conn(url: &str) -> Conn {
+    cluster_conn_trusting(url, None).await
+}
+
+/// A cluster connection; over TLS, trusting the CA `ca` (PEM).
+async fn cluster_conn_trusting(url: &str, ca: Option<&str>) -> Conn {
     let settings = RedisConfig {
         mode: RedisMode::Cluster,
         ..Default::default()
     };
-    widget_runtime::connect::Redis::open(url, &settings)
+    widget_runtime::connect::Redis::open_tls(url, &settings, ca.map(|c| c.as_bytes().to_vec()))
         .expect("url")
         .connection()
         .await
@@ -712,16 +717,7 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
     for node in cluster.nodes() {
         let mut conn = node.connection().await.expect("node");
         for (user, rules) in &users {
-            let mut cmd = redis::cmd("ACL");
-            cmd.arg("SETUSER")
-                .arg(*user)
-                .arg("reset")
-                .arg("on")
-                .arg(">pw");
-            for r in rules {
-                cmd.arg(r);
-            }
-            let _: () = cmd.query_async(&mut conn).await.expect("ACL SETUSER");
+            support::set_acl_user(&mut conn, user, rules).await;
         }
     }
     let seeds = |user: &str| {
@@ -764,18 +760,7 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
     for version in 1..=3 {
         commit(&product, &keys(), version).await;
     }
-    let mut conn = widget_runtime::connect::Redis::open_tls(
-        &cluster.url(),
-        &RedisConfig {
-            mode: RedisMode::Cluster,
-            ..Default::default()
-        },
-        Some(ca_pem.clone().into_bytes()),
-    )
-    .expect("url")
-    .connection()
-    .await
-    .expect("TLS cluster connection");
+    let mut conn = cluster_conn_trusting(&cluster.url(), Some(&ca_pem)).await;
     let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 3)).collect();
     let held = settles(
         &stack,
@@ -818,18 +803,7 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
     let worker_conn = |cmd: redis::Cmd| {
         let (url, ca) = (seeds("worker-deals"), ca_pem.clone());
         async move {
-            let mut c = widget_runtime::connect::Redis::open_tls(
-                &url,
-                &RedisConfig {
-                    mode: RedisMode::Cluster,
-                    ..Default::default()
-                },
-                Some(ca.into_bytes()),
-            )
-            .expect("url")
-            .connection()
-            .await
-            .expect("connect as the worker");
+            let mut c = cluster_conn_trusting(&url, Some(&ca)).await;
             cmd.query_async::<redis::Value>(&mut c).await
         }
     };

@@ -1066,16 +1066,7 @@ async fn an_ingester_without_a_new_source_in_its_config_confirms_its_rows() {
 /// Creates a Redis user with `rules` and returns its URL.
 async fn acl_user(stack: &Stack, name: &str, rules: &[String]) -> String {
     let mut conn = stack.redis_conn().await;
-    let mut cmd = redis::cmd("ACL");
-    cmd.arg("SETUSER")
-        .arg(name)
-        .arg("reset")
-        .arg("on")
-        .arg(">pw");
-    for r in rules {
-        cmd.arg(r);
-    }
-    let _: () = cmd.query_async(&mut conn).await.expect("ACL SETUSER");
+    support::set_acl_user(&mut conn, name, rules).await;
     format!("redis://{name}:pw@127.0.0.1:{}/", stack.redis.port())
 }
 

@@ -397,3 +397,22 @@ pub async fn store_widget(pool: &PgPool, key: &str, version: i64, content: serde
         .await
         .expect("store widget");
 }
+
+/// Creates (or resets) the Redis user `name`, password `pw`, with the ACL `rules`
+/// (`widget_runtime::acl::rules`).
+pub async fn set_acl_user(
+    conn: &mut impl redis::aio::ConnectionLike,
+    name: &str,
+    rules: &[String],
+) {
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg(name)
+        .arg("reset")
+        .arg("on")
+        .arg(">pw");
+    for r in rules {
+        cmd.arg(r);
+    }
+    let _: () = cmd.query_async(conn).await.expect("ACL SETUSER");
+}
