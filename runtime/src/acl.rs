@@ -28,6 +28,10 @@ const COMMON: &[&str] = &[
     "hincrby",
     "hset",
     "hgetall",
+    // In cluster mode a transaction aborted by a redirect is sent again after one EXISTS has
+    // made the client read the slot map again (connect::Conn): refused, the retry meets the
+    // same redirect.
+    "exists",
     // The stats flush is one transaction. (A refused MULTI makes redis-rs 1.8 panic in debug
     // builds, an index underflow in its transaction bookkeeping: never leave these out.)
     "multi",
@@ -44,6 +48,8 @@ const WORKER: &[&str] = &[
     "xlen",
     "xinfo|groups",
     "xtrim",
+    // The oldest pending entry, below which consumed history is trimmed from a full stream.
+    "xpending",
     // The epoch script (durability::ensure_epoch) creates the group with the marker.
     "xgroup|create",
     "exists",

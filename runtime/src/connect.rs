@@ -33,6 +33,9 @@ pub struct Redis {
     /// In cluster mode, the nodes the slot map is first read from (every URL given: a
     /// connection can be made while any one of them is up).
     seeds: Vec<redis::ConnectionInfo>,
+    /// For one node of a cluster ([`Redis::servers`]): the same node by its announced
+    /// hostname, tried when its IP cannot be reached or verified.
+    alternate: Option<redis::ConnectionInfo>,
     settings: RedisConfig,
     /// The CA bundle (PEM) servers are verified against instead of the system's.
     ca: Option<std::sync::Arc<Vec<u8>>>,
@@ -85,6 +88,7 @@ impl Redis {
             client: client_for(first, ca.as_deref())?,
             cluster,
             seeds,
+            alternate: None,
             settings: settings.clone(),
             ca,
         })
@@ -119,12 +123,17 @@ impl Redis {
                             "CLUSTER NODES lists no node that has not failed",
                         )));
                     }
+                    let at = |host: &str, port: u16| {
+                        let mut info = seed.clone();
+                        set_host_port(&mut info, host, port);
+                        info
+                    };
                     let servers = nodes
                         .iter()
-                        .map(|(host, port)| {
-                            let mut info = seed.clone();
-                            set_host_port(&mut info, host, *port);
-                            self.server_at(&info)
+                        .map(|n| {
+                            let mut server = self.server_at(&at(&n.host, n.port))?;
+                            server.alternate = n.hostname.as_deref().map(|h| at(h, n.port));
+                            Ok(server)
                         })
                         .collect::<redis::RedisResult<Vec<_>>>()?;
                     let map = NodeMap {
@@ -153,6 +162,7 @@ impl Redis {
             client: client_for(info.clone(), self.ca.as_deref())?,
             cluster: None,
             seeds: vec![info.clone()],
+            alternate: None,
             settings,
             ca: self.ca.clone(),
         })
@@ -280,19 +290,31 @@ impl Redis {
                 "client tracking needs one connection per cluster node",
             )));
         }
-        let info = self.client.get_connection_info().clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let client = client_for(info.set_redis_settings(resp3), self.ca.as_deref())?;
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.connect_timeout))
             .set_response_timeout(Some(self.settings.response_timeout))
             .set_push_sender(pushes);
-        client
+        let resp3 = |info: &redis::ConnectionInfo| {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            client_for(
+                info.clone().set_redis_settings(settings),
+                self.ca.as_deref(),
+            )
+        };
+        let made = resp3(self.client.get_connection_info())?
             .get_multiplexed_async_connection_with_config(&cfg)
-            .await
+            .await;
+        match (made, &self.alternate) {
+            (Err(_), Some(alternate)) => {
+                resp3(alternate)?
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+            }
+            (made, _) => made,
+        }
     }
 
     async fn multiplexed(&self, response: Duration) -> redis::RedisResult<Conn> {
@@ -341,8 +363,8 @@ impl std::fmt::Debug for NodeMap {
 }
 
 impl NodeMap {
-    /// The addresses of the nodes (host, port) and the map's fingerprint.
-    async fn read(source: &Redis) -> redis::RedisResult<(Vec<(String, u16)>, String)> {
+    /// The nodes' addresses and the map's fingerprint.
+    async fn read(source: &Redis) -> redis::RedisResult<(Vec<NodeAddr>, String)> {
         let mut conn = source.connection().await?;
         Self::read_on(source, &mut conn).await
     }
@@ -350,7 +372,7 @@ impl NodeMap {
     async fn read_on(
         source: &Redis,
         conn: &mut Conn,
-    ) -> redis::RedisResult<(Vec<(String, u16)>, String)> {
+    ) -> redis::RedisResult<(Vec<NodeAddr>, String)> {
         let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
         let own_host = match source.client.get_connection_info().addr() {
             redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => {
@@ -373,12 +395,25 @@ impl NodeMap {
     }
 }
 
-/// The nodes of `CLUSTER NODES` output that have not failed and have an address (host, port;
-/// the node answering may list itself without a host: `own_host` then), and the fingerprint
-/// of the map. A line: `<id> <ip:port@cport[,hostname]> <flags> <primary> <ping> <pong>
-/// <epoch> <link> <slot>...`.
-fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<(String, u16)>, String) {
-    let mut nodes = Vec::new();
+/// Where one node of a cluster is: the IP (what the cluster client connects to by default)
+/// and the hostname it announces, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeAddr {
+    host: String,
+    hostname: Option<String>,
+    port: u16,
+}
+
+/// The nodes of `CLUSTER NODES` output that can hold keys a client reads, and the fingerprint
+/// of the map. A failed node is left out unless it still owns slots: clients keep routing its
+/// slots to it by their slot map until a failover moves them (a primary without a replica
+/// that comes back serves them again), so it must be tracked like any other; while it cannot
+/// be reached, tracking is not on and nothing is served from the in-process cache. The node
+/// answering may list itself without a host: `own_host` then. A line: `<id>
+/// <ip:port@cport[,hostname[,aux=value]...]> <flags> <primary> <ping> <pong> <epoch> <link>
+/// <slot>...`.
+fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<NodeAddr>, String) {
+    let mut nodes: Vec<NodeAddr> = Vec::new();
     let mut lines = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -386,19 +421,27 @@ fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<(String, u16)>, Strin
             continue;
         };
         let flags: Vec<&str> = flags.split(',').collect();
-        if flags
+        // Slots being migrated (`[slot->-id]`, `[slot-<-id]`) are listed by the two nodes
+        // concerned only: left out.
+        let slots: Vec<&str> = f
             .iter()
-            .any(|x| matches!(*x, "fail" | "noaddr" | "handshake"))
+            .skip(8)
+            .filter(|s| !s.starts_with('['))
+            .copied()
+            .collect();
+        if flags.iter().any(|x| matches!(*x, "noaddr" | "handshake"))
+            || (flags.contains(&"fail") && slots.is_empty())
         {
             continue;
         }
-        // `ip:port@cport[,hostname[,aux=value]...]`. An announced hostname is preferred: a TLS
-        // certificate names it, rarely the IP.
         let mut parts = addr.split(',');
         let Some(hostport) = parts.next().and_then(|a| a.split('@').next()) else {
             continue;
         };
-        let hostname = parts.next().filter(|h| !h.is_empty() && !h.contains('='));
+        let hostname = parts
+            .next()
+            .filter(|h| !h.is_empty() && !h.contains('='))
+            .map(str::to_string);
         let Some((ip, port)) = hostport.rsplit_once(':') else {
             continue;
         };
@@ -408,27 +451,22 @@ fn parse_cluster_nodes(text: &str, own_host: &str) -> (Vec<(String, u16)>, Strin
         if port == 0 {
             continue;
         }
-        let host = match (hostname, ip.trim_start_matches('[').trim_end_matches(']')) {
-            (Some(name), _) => name,
-            (None, "") => own_host,
-            (None, ip) => ip,
+        let host = match ip.trim_start_matches('[').trim_end_matches(']') {
+            "" => own_host,
+            ip => ip,
         };
         let role = if flags.contains(&"master") {
             "primary"
         } else {
             "replica"
         };
-        // Slots being migrated (`[slot->-id]`, `[slot-<-id]`) are listed by the two nodes
-        // concerned only: left out.
-        let slots: Vec<&str> = f
-            .iter()
-            .skip(8)
-            .filter(|s| !s.starts_with('['))
-            .copied()
-            .collect();
         lines.push(format!("{host}:{port} {role} {}", slots.join(" ")));
-        if !nodes.contains(&(host.to_string(), port)) {
-            nodes.push((host.to_string(), port));
+        if !nodes.iter().any(|n| n.host == host && n.port == port) {
+            nodes.push(NodeAddr {
+                host: host.to_string(),
+                hostname,
+                port,
+            });
         }
     }
     lines.sort();
@@ -691,6 +729,7 @@ impl From<Client> for Redis {
             client: Client::open(info.clone()).unwrap_or(client),
             cluster: None,
             seeds: vec![info],
+            alternate: None,
             settings,
             ca: None,
         }
@@ -880,22 +919,34 @@ e7d1 :30006@40006 myself,master - 0 0 0 connected
 dead :0@0 noaddr - 0 0 0 disconnected
 ";
         let (nodes, print) = parse_cluster_nodes(a, "10.0.0.9");
-        let ports: Vec<u16> = nodes.iter().map(|n| n.1).collect();
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
         assert_eq!(
             ports,
             [30001, 30002, 30003, 30004, 30006],
-            "failed and unknown left out"
+            "failed without slots and unknown left out"
         );
         assert_eq!(
-            nodes[4].0, "10.0.0.9",
+            nodes[4].host, "10.0.0.9",
             "a node without a host is the one answering"
         );
-        assert_eq!(nodes[2].0, "node-3", "an announced hostname is preferred");
-        let aux = "a1 10.1.1.1:7000@17000,,shard-id=ab master - 0 0 1 connected 0-16383\n";
         assert_eq!(
-            parse_cluster_nodes(aux, "x").0,
-            [("10.1.1.1".to_string(), 7000)]
+            (nodes[2].host.as_str(), nodes[2].hostname.as_deref()),
+            ("127.0.0.1", Some("node-3")),
+            "the IP first, the announced hostname to fall back on"
         );
+        let aux = "a1 10.1.1.1:7000@17000,,shard-id=ab master - 0 0 1 connected 0-16383\n";
+        let (aux, _) = parse_cluster_nodes(aux, "x");
+        assert_eq!(
+            (
+                aux[0].host.as_str(),
+                aux[0].hostname.as_deref(),
+                aux[0].port
+            ),
+            ("10.1.1.1", None, 7000)
+        );
+        // A failed primary that still owns slots is still routed to: tracked.
+        let failed = "f1 10.1.1.2:7000@17000 master,fail - 0 0 1 disconnected 0-100\n";
+        assert_eq!(parse_cluster_nodes(failed, "x").0.len(), 1);
         assert!(
             print.contains("127.0.0.1:30001 primary 0-5460\n"),
             "{print}"

@@ -798,6 +798,20 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
         served_locally.is_some(),
         "screens are served from the in-process cache"
     );
+    // A write after the cache has served: the invalidations reach core-api's user from every
+    // node, and the new version is what is served.
+    commit(&product, &keys(), 4).await;
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 4)).collect();
+    let held = settles(
+        &stack,
+        &core,
+        &mut conn,
+        &listen,
+        &want,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(held, Ok(()), "v4 everywhere after the cache served v3");
 
     // What the users may not do, on the cluster too.
     let worker_conn = |cmd: redis::Cmd| {

@@ -1070,6 +1070,74 @@ async fn acl_user(stack: &Stack, name: &str, rules: &[String]) -> String {
     format!("redis://{name}:pw@127.0.0.1:{}/", stack.redis.port())
 }
 
+/// A worker as its least-privilege user keeps relaying when the stream is over `maxLength` with
+/// entries still pending: trimming the consumed history then asks XPENDING for the oldest one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_worker_trims_a_full_stream_with_pending_entries() {
+    use widget_runtime::acl::{Component, rules};
+    let stack = Stack::with_config(&CONFIG.replace("maxLength: 100000", "maxLength: 1000")).await;
+    let config = stack.config.clone();
+    let (stream, group) = (config.stream_name(), config.stream.consumer_group.clone());
+    let mut admin = stack.redis_conn().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(&group)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut admin)
+        .await
+        .expect("group");
+    let mut fill = redis::pipe();
+    for i in 0..1200 {
+        fill.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("filler")
+            .arg(i)
+            .ignore();
+    }
+    let _: () = fill.query_async(&mut admin).await.expect("fill");
+    // Everything delivered, all but the last 10 acknowledged: 10 pending, nothing unread.
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&group)
+        .arg("elsewhere")
+        .arg("COUNT")
+        .arg(1200)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut admin)
+        .await
+        .expect("read");
+    let ids: Vec<String> = read.keys[0].ids.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), 1200);
+    let _: () = redis::cmd("XACK")
+        .arg(&stream)
+        .arg(&group)
+        .arg(&ids[..1190])
+        .query_async(&mut admin)
+        .await
+        .expect("ack");
+
+    let url = acl_user(
+        &stack,
+        "worker-deals",
+        &rules(&config, Component::Worker { source: "deals" }),
+    )
+    .await;
+    let worker = start_worker_on(&stack, &url);
+    let product = stack.pool(&stack.product_url).await;
+    let mut expected = Expected::new();
+    produce(&product, 20, 1, 1, &mut expected).await;
+    wait_for("the worker relays past a full stream", || async {
+        outbox_counts(&product).await.0 == 0
+    })
+    .await;
+    worker.stop().await;
+}
+
 /// Every component runs as its own least-privilege Redis user (`widget_runtime::acl`), through
 /// normal traffic, a Redis that loses its data (epoch, replay, re-warm) and back-fills: the
 /// pipeline converges, and each user is refused what it has no business doing.

@@ -1004,7 +1004,7 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-port",
                 &bus,
-                // Failover within about four seconds of a primary's loss, and by any replica
+                // Failover within about two to four seconds of a primary's loss, and by any replica
                 // however long it was cut off (tests make replicas miss writes on purpose).
                 // Not shorter: on a busy shared host a node that answers a second late was
                 // then failed over while alive.
