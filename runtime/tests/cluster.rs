@@ -860,3 +860,53 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
     assert!(!status.success(), "a wrong CA fails start-up");
     assert!(stderr.contains("not trusted"), "says why: {stderr}");
 }
+
+/// The ingester's idle read blocks up to 2 s; with `redis.responseTimeout` 300 ms the cluster
+/// client's own deadline (twice the response timeout, retries included) would cut every idle
+/// read off as a timeout. Blocking reads have a client of their own: an idle pipeline logs no
+/// Redis error, and a later write is applied at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_blocking_reads_outlast_a_short_response_timeout_on_a_cluster() {
+    // Reclaim passes far apart, so the idle reads block the whole 2 s.
+    let yaml = config()
+        .replace(
+            "redis: {mode: cluster}",
+            "redis: {mode: cluster, responseTimeout: 300ms}",
+        )
+        .replace("interval: 300ms", "interval: 30s");
+    let stack = Stack::with_config(&yaml).await;
+    let cluster = RedisCluster::start(3, 0).await.expect("cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, listen) = dev(&stack, &cluster.url(), &dir).await;
+    let product = stack.pool(&stack.product_url).await;
+    let core = stack.pool(&stack.core_url).await;
+    let mut conn = cluster_conn(&cluster.url()).await;
+    for version in [1, 2] {
+        commit(&product, &keys(), version).await;
+        let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, version)).collect();
+        let held = settles(
+            &stack,
+            &core,
+            &mut conn,
+            &listen,
+            &want,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(held, Ok(()), "v{version} everywhere");
+        // Idle: several blocking reads of 2 s each.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let metrics = http_get(&listen, "/metrics", &[])
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default();
+        assert!(
+            metrics.contains("widget_ingest_applied_total"),
+            "the ingester's metrics are served"
+        );
+        let errors = support::metric_value(&metrics, "widget_ingest_errors_total{store=\"redis\"}");
+        // (The family is listed once a store has failed.)
+        assert_eq!(errors.unwrap_or(0.0), 0.0, "no idle read failed");
+    }
+    let _ = child.kill().await;
+}
