@@ -100,8 +100,9 @@ impl Redis {
     }
 
     /// The servers behind this endpoint, each as an endpoint of its own (the same credentials,
-    /// TLS and deadlines): in cluster mode every node `CLUSTER NODES` lists and not failed,
-    /// primaries, replicas and nodes that own no slot yet (one being filled by a resharding),
+    /// TLS and deadlines): in cluster mode every node `CLUSTER NODES` lists, primaries,
+    /// replicas and nodes that own no slot yet (one being filled by a resharding), failed ones
+    /// only while they still own slots,
     /// with the [`NodeMap`] they were read from, to notice when it changes; standalone, this
     /// endpoint itself and no map. What needs a connection per server (client tracking, whose
     /// invalidations each node sends for its own keys) goes by it.
@@ -120,7 +121,7 @@ impl Redis {
                     if nodes.is_empty() {
                         return Err(redis::RedisError::from((
                             redis::ErrorKind::Io,
-                            "CLUSTER NODES lists no node that has not failed",
+                            "CLUSTER NODES lists no node to track",
                         )));
                     }
                     let at = |host: &str, port: u16| {
