@@ -28,9 +28,9 @@ const COMMON: &[&str] = &[
     "hincrby",
     "hset",
     "hgetall",
-    // In cluster mode a transaction aborted by a redirect is sent again after one EXISTS has
-    // made the client read the slot map again (connect::Conn): refused, the retry meets the
-    // same redirect.
+    // The epoch script's check; and in cluster mode a transaction aborted by a redirect is
+    // sent again after one EXISTS has made the client read the slot map again
+    // (connect::Conn): refused, the retry meets the same redirect.
     "exists",
     // The stats flush is one transaction. (A refused MULTI makes redis-rs 1.8 panic in debug
     // builds, an index underflow in its transaction bookkeeping: never leave these out.)
@@ -52,7 +52,6 @@ const WORKER: &[&str] = &[
     "xpending",
     // The epoch script (durability::ensure_epoch) creates the group with the marker.
     "xgroup|create",
-    "exists",
     "get",
     "set",
     "srandmember",
@@ -73,7 +72,6 @@ const INGESTER: &[&str] = &[
     "xtrim",
     "xrange",
     "xdel",
-    "exists",
     "get",
     "set",
     "del",

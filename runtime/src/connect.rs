@@ -100,11 +100,10 @@ impl Redis {
     }
 
     /// The servers behind this endpoint, each as an endpoint of its own (the same credentials,
-    /// TLS and deadlines): in cluster mode every node `CLUSTER NODES` lists, primaries,
-    /// replicas and nodes that own no slot yet (one being filled by a resharding), failed ones
-    /// only while they still own slots,
-    /// with the [`NodeMap`] they were read from, to notice when it changes; standalone, this
-    /// endpoint itself and no map. What needs a connection per server (client tracking, whose
+    /// TLS and deadlines): in cluster mode every node `CLUSTER NODES` lists (primaries,
+    /// replicas, nodes that own no slot yet such as one a resharding is filling, failed ones
+    /// only while they still own slots), with the [`NodeMap`] they were read from, to notice
+    /// when it changes; standalone, this endpoint itself and no map. What needs a connection per server (client tracking, whose
     /// invalidations each node sends for its own keys) goes by it.
     pub async fn servers(&self) -> redis::RedisResult<(Vec<Redis>, Option<NodeMap>)> {
         if self.cluster.is_none() {
@@ -116,8 +115,8 @@ impl Redis {
         let mut last = None;
         for seed in &self.seeds {
             let source = self.server_at(seed)?;
-            match NodeMap::read(&source).await {
-                Ok((nodes, fingerprint)) => {
+            match NodeMap::read(source).await {
+                Ok((nodes, map)) => {
                     if nodes.is_empty() {
                         return Err(redis::RedisError::from((
                             redis::ErrorKind::Io,
@@ -137,11 +136,6 @@ impl Redis {
                             Ok(server)
                         })
                         .collect::<redis::RedisResult<Vec<_>>>()?;
-                    let map = NodeMap {
-                        source,
-                        conn: None,
-                        fingerprint,
-                    };
                     return Ok((servers, Some(map)));
                 }
                 Err(e) => last = Some(e),
@@ -349,9 +343,9 @@ impl Redis {
 /// The nodes of a cluster as one node sees them ([`Redis::servers`]), to tell when they change:
 /// a node added or failed, a failover, a slot moved.
 pub struct NodeMap {
-    /// The node the map was read from, asked again by [`NodeMap::unchanged`].
+    /// The node the map was read from, asked again by [`NodeMap::unchanged`] on `conn`.
     source: Redis,
-    conn: Option<Conn>,
+    conn: Conn,
     /// Each node's address, role and slots, sorted: what a change of the cluster changes, and
     /// not what moves by itself (ping times, link state, a suspected failure).
     fingerprint: String,
@@ -364,10 +358,16 @@ impl std::fmt::Debug for NodeMap {
 }
 
 impl NodeMap {
-    /// The nodes' addresses and the map's fingerprint.
-    async fn read(source: &Redis) -> redis::RedisResult<(Vec<NodeAddr>, String)> {
+    /// The nodes' addresses, and the map to compare later views with.
+    async fn read(source: Redis) -> redis::RedisResult<(Vec<NodeAddr>, NodeMap)> {
         let mut conn = source.connection().await?;
-        Self::read_on(source, &mut conn).await
+        let (nodes, fingerprint) = Self::read_on(&source, &mut conn).await?;
+        let map = NodeMap {
+            source,
+            conn,
+            fingerprint,
+        };
+        Ok((nodes, map))
     }
 
     async fn read_on(
@@ -387,11 +387,7 @@ impl NodeMap {
     /// Whether the cluster still looks as it did when the map was read (an error: the node
     /// could not be asked).
     pub async fn unchanged(&mut self) -> redis::RedisResult<bool> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self.conn.insert(self.source.connection().await?),
-        };
-        let (_, now) = Self::read_on(&self.source, conn).await?;
+        let (_, now) = Self::read_on(&self.source, &mut self.conn).await?;
         Ok(now == self.fingerprint)
     }
 }

@@ -177,13 +177,12 @@ async fn ends_everywhere_at(
 ) {
     let core = stack.pool(&stack.core_url).await;
     let mut conn = cluster_conn(&cluster.url()).await;
-    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, last)).collect();
     let held = settles(
         stack,
         &core,
         &mut conn,
         listen,
-        &want,
+        last,
         Duration::from_secs(60),
     )
     .await;
@@ -203,18 +202,20 @@ async fn ends_everywhere_at(
     assert!(left.is_some(), "the outbox drains after the {fault}");
 }
 
-/// Polls [`everywhere`] until it holds, or returns its last complaint after `limit`.
+/// Polls [`everywhere`] for every key at `version` until it holds, or returns its last
+/// complaint after `limit`.
 async fn settles(
     stack: &Stack,
     core: &sqlx::PgPool,
     conn: &mut Conn,
     listen: &str,
-    want: &BTreeMap<String, i64>,
+    version: i64,
     limit: Duration,
 ) -> Result<(), String> {
+    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, version)).collect();
     let start = std::time::Instant::now();
     loop {
-        match everywhere(stack, core, conn, listen, want).await {
+        match everywhere(stack, core, conn, listen, &want).await {
             Ok(()) => return Ok(()),
             Err(e) if start.elapsed() > limit => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -258,13 +259,12 @@ async fn the_pipeline_serves_screens_across_every_primary_and_dead_letters_witho
         .await
         .expect("xadd");
 
-    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 3)).collect();
     let held = settles(
         &stack,
         &core,
         &mut conn,
         &listen,
-        &want,
+        3,
         Duration::from_secs(30),
     )
     .await;
@@ -761,13 +761,12 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
         commit(&product, &keys(), version).await;
     }
     let mut conn = cluster_conn_trusting(&cluster.url(), Some(&ca_pem)).await;
-    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 3)).collect();
     let held = settles(
         &stack,
         &core,
         &mut conn,
         &listen,
-        &want,
+        3,
         Duration::from_secs(30),
     )
     .await;
@@ -801,13 +800,12 @@ async fn the_pipeline_runs_on_a_tls_cluster_as_least_privilege_users() {
     // A write after the cache has served: the invalidations reach core-api's user from every
     // node, and the new version is what is served.
     commit(&product, &keys(), 4).await;
-    let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, 4)).collect();
     let held = settles(
         &stack,
         &core,
         &mut conn,
         &listen,
-        &want,
+        4,
         Duration::from_secs(30),
     )
     .await;
@@ -883,13 +881,12 @@ async fn idle_blocking_reads_outlast_a_short_response_timeout_on_a_cluster() {
     let mut conn = cluster_conn(&cluster.url()).await;
     for version in [1, 2] {
         commit(&product, &keys(), version).await;
-        let want: BTreeMap<String, i64> = keys().into_iter().map(|k| (k, version)).collect();
         let held = settles(
             &stack,
             &core,
             &mut conn,
             &listen,
-            &want,
+            version,
             Duration::from_secs(30),
         )
         .await;

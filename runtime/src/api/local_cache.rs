@@ -381,8 +381,9 @@ impl LocalCache {
     ) -> redis::RedisResult<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // In a cluster each node sends invalidations for the keys it holds (and a replica for
-        // what it applies), so every node gets a tracking connection; a change of the slot map
-        // (failover, resharding, a node added) ends tracking, and it starts over on the new map.
+        // what it applies), so every node gets a tracking connection; a change of the nodes,
+        // their roles or slots (failover, resharding, a node added) ends tracking, and it
+        // starts over on the new map.
         let (servers, mut node_map) = redis.servers().await?;
         let mut conns = Vec::with_capacity(servers.len());
         for server in &servers {
